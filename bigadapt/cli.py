@@ -1,0 +1,55 @@
+"""`bigadapt train|export|merge`: every user error is one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import EXIT_USER_ERROR, BigadaptError
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config YAML (default: the embedded tiny run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
+    p.add_argument("--resume", default="none", help="none | auto (newest complete checkpoint) | a checkpoint dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bigadapt", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    _train_args(sub.add_parser("train", help="train (use through `deepspeed launch/train.py` for several ranks)"))
+    e = sub.add_parser("export", help="write a checkpoint in another format")
+    e.add_argument("run", help="run directory or checkpoint directory")
+    e.add_argument("out")
+    e.add_argument("--format", choices=["peft"], default="peft")
+    m = sub.add_parser("merge", help="write a Hugging Face model with the adapter merged into the base")
+    m.add_argument("run", help="run directory or checkpoint directory")
+    m.add_argument("out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BigadaptError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"bigadapt: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _dispatch(args) -> int:
+    if args.command == "train":
+        from .config import load_config
+        from .train import run
+        return run(load_config(args.config, args.overrides), args.resume)
+    from . import export
+    if args.command == "export":
+        return export.to_peft(args.run, args.out)
+    return export.merged(args.run, args.out)
+
+
+def entry() -> None:
+    sys.exit(main())

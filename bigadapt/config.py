@@ -1,0 +1,264 @@
+"""The run config: typed dataclasses, YAML + dotted `--set` overrides, and validation.
+
+Every user mistake becomes one ConfigError naming the key, the bad value and the fix, raised before any
+process group, download or file is created.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DTYPES = ("fp32", "bf16", "fp16")
+OBJECTIVES = ("causal_lm", "seq_cls")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None  # hub id or local directory; None -> build from `arch`
+    arch: dict = field(default_factory=dict)  # transformers config fields (needs model_type) for a random-init base
+    objective: str = "seq_cls"  # causal_lm | seq_cls
+    num_labels: int = 2  # seq_cls only; 1 = regression
+    dtype: str = "fp32"  # frozen base dtype: fp32 | bf16 | fp16
+    trust_remote_code: bool = False
+
+
+@dataclass
+class MethodConfig:
+    name: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q", "v"])  # paper names or module-name patterns
+    rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+    train_head: bool = True  # a newly created task head (seq_cls) is trained and saved with the adapter
+
+
+@dataclass
+class DataConfig:
+    task: str = "synthetic_cls"
+    path: str | None = None  # local data directory for file-backed tasks
+    seq_len: int = 32
+    num_train: int = 4096  # synthetic tasks: examples generated
+    num_eval: int = 512
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32  # global, in examples: the optimisation is defined by it, whatever the world size
+    micro_batch: int = 8  # per rank; accumulation = batch_size / (micro_batch * world_size)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    max_steps: int = 0  # 0 -> run `epochs` epochs
+    epochs: float = 1.0
+    clip: float = 1.0  # gradient-norm clipping; 0 disables
+    eval_every: int = 0  # optimizer steps; 0 -> only at the end
+    save_every: int = 0  # optimizer steps; 0 -> only at the end
+    keep_last: int = 2  # checkpoints kept; older ones are deleted after a newer one is complete
+    log_every: int = 10
+    seed: int = 0
+    time_budget_s: float = 0.0  # stop (with a checkpoint) once this wall-clock budget is spent; 0 = none
+
+
+@dataclass
+class ZeroConfig:
+    stage: int | None = None  # None -> 3 with two or more ranks, else 0
+    param_persistence_threshold: int = 100_000  # params smaller than this stay whole on every rank (fewer gathers)
+    prefetch_bucket_size: int = 50_000_000
+    max_live_parameters: int = 1_000_000_000
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The embedded default (`deepspeed launch/train.py` with no --config): a random-init tiny GPT-2, frozen and
+# sharded, adapted with LoRA on q and v of the fused c_attn to a synthetic task. Offline, ~1-2 min on 2 CPU
+# cores with 2 ranks. configs/tiny-gpt2-lora.yaml is the same run as a file to copy from.
+EMBEDDED_DEFAULT = {
+    "run_dir": "runs/default",
+    "model": {"arch": {"model_type": "gpt2", "n_layer": 4, "n_embd": 128, "n_head": 4, "vocab_size": 128,
+                       "n_positions": 64, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                       "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0},
+              "objective": "seq_cls", "num_labels": 2},
+    "method": {"name": "lora", "r": 8, "alpha": 16, "targets": ["q", "v"]},
+    "data": {"task": "synthetic_cls", "seq_len": 32, "num_train": 8192, "num_eval": 512},
+    "train": {"batch_size": 32, "micro_batch": 16, "lr": 2e-3, "warmup_steps": 20, "max_steps": 250,
+              "eval_every": 125, "save_every": 125, "log_every": 25},
+    "zero": {"param_persistence_threshold": 0},  # partition every tensor, so each rank visibly holds 1/N
+}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (or the embedded default when None) + `a.b=c` overrides -> a validated RunConfig."""
+    raw = _read_yaml(Path(path)) if path else copy.deepcopy(EMBEDDED_DEFAULT)
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file; pass a YAML file such as configs/tiny-gpt2-lora.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"--config {path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: the top level must be a mapping of sections (model, method, ...)")
+    return raw
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=2e-4")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key; valid keys here are {', '.join(names)}")
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}; write e.g. {key}=[a,b]")
+        return [_coerce(args[0], v, key) for v in value]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    return _scalar(tp, value, key)
+
+
+def _scalar(tp: type, value: Any, key: str):
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 2e-4 (no dot) as a string; users mean the number
+            return float(value)
+        except ValueError:
+            pass
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[tp]
+    if not ok:
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return float(value) if tp is float else value
+
+
+def _check(ok: bool, key: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {fix}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Value checks that need no model, no files and no process group."""
+    from .data import TASKS
+    from .methods import METHODS
+
+    m, me, d, t, z = cfg.model, cfg.method, cfg.data, cfg.train, cfg.zero
+    _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"use one of {', '.join(DTYPES)}")
+    _check(m.objective in OBJECTIVES, "model.objective", m.objective, f"use one of {', '.join(OBJECTIVES)}")
+    _check(m.num_labels >= 1, "model.num_labels", m.num_labels, "must be >= 1 (1 = regression)")
+    _check(bool(m.name_or_path) or "model_type" in m.arch, "model.arch", m.arch,
+           "set model.name_or_path (hub id or local dir) or model.arch with a model_type")
+    _check(me.name in METHODS, "method.name", me.name, f"unknown method; choose one of {', '.join(sorted(METHODS))}")
+    _check(me.r > 0, "method.r", me.r, "the rank must be a positive integer")
+    _check(me.alpha > 0, "method.alpha", me.alpha, "alpha must be > 0 (the paper sets it to the first r tried)")
+    _check(0 <= me.dropout < 1, "method.dropout", me.dropout, "dropout is a probability in [0, 1)")
+    _check(len(me.targets) > 0, "method.targets", me.targets, "name at least one target, e.g. [q, v]")
+    _check(d.task in TASKS, "data.task", d.task, f"unknown task; choose one of {', '.join(sorted(TASKS))}")
+    _check(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
+    _check(t.micro_batch > 0, "train.micro_batch", t.micro_batch, "must be a positive integer")
+    _check(t.batch_size > 0, "train.batch_size", t.batch_size, "must be a positive integer")
+    _check(t.batch_size % t.micro_batch == 0, "train.batch_size", t.batch_size,
+           f"must be a multiple of train.micro_batch={t.micro_batch}")
+    _check(t.lr > 0, "train.lr", t.lr, "the learning rate must be > 0")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "train.adam_betas", t.adam_betas,
+           "give two numbers in [0, 1), e.g. [0.9, 0.999]")
+    _check(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0 (0 = use train.epochs)")
+    _check(t.max_steps > 0 or t.epochs > 0, "train.epochs", t.epochs, "must be > 0 when train.max_steps is 0")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+    _check(t.clip >= 0, "train.clip", t.clip, "must be >= 0 (0 disables clipping)")
+    _check(t.keep_last >= 1, "train.keep_last", t.keep_last, "keep at least 1 checkpoint")
+    for key in ("eval_every", "save_every", "log_every"):
+        _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "must be >= 0")
+    _check(t.time_budget_s >= 0, "train.time_budget_s", t.time_budget_s, "must be >= 0 (0 = no budget)")
+    _check(z.stage is None or z.stage in (0, 1, 2, 3), "zero.stage", z.stage, "ZeRO stage must be 0, 1, 2 or 3")
+    _check(z.param_persistence_threshold >= 0, "zero.param_persistence_threshold",
+           z.param_persistence_threshold, "must be >= 0 (0 = partition every parameter)")
+
+
+def check_world(cfg: RunConfig, world_size: int) -> int:
+    """Gradient-accumulation steps for this world size; the global batch stays what the config says."""
+    per_step = cfg.train.micro_batch * world_size
+    _check(cfg.train.batch_size % per_step == 0, "train.batch_size", cfg.train.batch_size,
+           f"must be a multiple of train.micro_batch x world size = {cfg.train.micro_batch} x {world_size}; "
+           f"change train.batch_size or train.micro_batch")
+    return cfg.train.batch_size // per_step
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,61 @@
+"""What rank 0 shows: the start table, a live progress line, the end summary. Other ranks stay quiet."""
+from __future__ import annotations
+
+import os
+import resource
+import sys
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import zero
+
+# logs are read as files: do not wrap lines at 80 columns there
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def log(msg: str) -> None:
+    if zero.rank() == 0:
+        console.print(msg)
+
+
+def memory_mb() -> float:
+    """Peak allocated GPU memory, or peak RSS of this process on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def start_table(holdings: dict, trainable: list[tuple[str, str, int]], stage: int, accumulation: int) -> None:
+    if zero.rank() != 0:
+        return
+    total, n_train = holdings["base_numel_total"], holdings["trainable_numel_total"]
+    t = Table(title=f"bigadapt: ZeRO stage {stage}, {holdings['world_size']} rank(s), "
+                    f"gradient accumulation {accumulation}")
+    t.add_column("trainable")
+    t.add_column("params", justify="right")
+    t.add_column("% of base", justify="right")
+    t.add_column("dtype (working / master)")
+    for kind, dtype, n in trainable:
+        t.add_row(kind, f"{n:,}", f"{100 * n / max(total, 1):.4f}", dtype)
+    t.add_row("total", f"{n_train:,}", f"{100 * n_train / max(total, 1):.4f}", "")
+    console.print(t)
+    r = Table(title=f"what each rank holds (frozen base: {total:,} params)")
+    for col in ("rank", "base params", "base MiB", "trainable params", "optimizer state MiB"):
+        r.add_column(col, justify="right")
+    for h in holdings["ranks"]:
+        r.add_row(str(h["rank"]), f"{h['base_numel']:,}", f"{h['base_bytes'] / 2**20:.2f}",
+                  f"{h['trainable_numel']:,}", f"{h['optimizer_state_bytes'] / 2**20:.3f}")
+    console.print(r)
+
+
+def progress(total_steps: int, start: int) -> Progress | None:
+    if zero.rank() != 0:
+        return None
+    p = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
+                 TextColumn("{task.fields[info]}"), console=console,
+                 disable=not console.is_terminal and not os.environ.get("BIGADAPT_FORCE_PROGRESS"))
+    p.add_task("train", total=total_steps, completed=start, info="")
+    return p

@@ -1,0 +1,93 @@
+"""DeepSpeed: the process group, the config built from the run config, and initialize().
+
+The optimizer is a plain torch AdamW over the trainable parameters only, so the frozen base gets no fp32
+master, no gradient buffer and no optimizer state, and nothing needs a JIT-compiled op on CPU.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+from . import zero
+
+PRECISION = {"bf16": "bf16", "fp16": "fp16"}  # fp32 -> no mixed-precision section
+
+
+def init_distributed() -> None:
+    """Join the process group the launcher set up (deepspeed/torchrun/srun), or make a one-rank group."""
+    import deepspeed
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    _set_threads()
+    deepspeed.init_distributed(dist_backend=_backend(), auto_mpi_discovery=False, verbose=False)
+
+
+def _backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _set_threads() -> None:
+    # N ranks on a CPU-only host share its cores: one rank using all of them oversubscribes (2x slower)
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def zero_stage(cfg, world_size: int) -> int:
+    return cfg.zero.stage if cfg.zero.stage is not None else (3 if world_size >= 2 else 0)
+
+
+def ds_config(cfg, world_size: int, accumulation: int) -> dict:
+    stage = zero_stage(cfg, world_size)
+    conf = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": cfg.train.batch_size,
+        "gradient_clipping": cfg.train.clip,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,  # torch AdamW: no JIT-built op needed
+        "zero_optimization": {"stage": stage},
+    }
+    if stage == 3:
+        conf["zero_optimization"].update(
+            stage3_param_persistence_threshold=cfg.zero.param_persistence_threshold,
+            stage3_prefetch_bucket_size=cfg.zero.prefetch_bucket_size,
+            stage3_max_live_parameters=cfg.zero.max_live_parameters,
+            stage3_gather_16bit_weights_on_model_save=False,  # never gather the base to save
+        )
+    if cfg.model.dtype in PRECISION:
+        conf[PRECISION[cfg.model.dtype]] = {"enabled": True}
+    return conf
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Trainable params only; no decay on biases and norms (the usual AdamW practice)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def initialize(model, cfg, conf: dict):
+    import deepspeed
+    groups = param_groups(model, cfg.train.weight_decay)
+    fused = torch.cuda.is_available()
+    optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
+                                  eps=cfg.train.adam_eps, fused=fused or None, foreach=None if fused else True)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=conf,
+                                                   model_parameters=[p for g in groups for p in g["params"]])
+    zero.ensure_adam_state(optimizer, 0)
+    return engine, optimizer

@@ -1,0 +1,26 @@
+"""Errors a user can fix. The CLI prints their message as one line and exits with EXIT_USER_ERROR."""
+
+EXIT_USER_ERROR = 2
+# A run that was asked to stop (SIGUSR1/SIGTERM), checkpointed at a step boundary and exited cleanly.
+# Job scripts requeue on this code; `--resume auto` continues from that checkpoint.
+EXIT_PREEMPTED = 3
+
+
+class BigadaptError(Exception):
+    """Base class: a mistake in what the user asked for, reported as one line."""
+
+
+class ConfigError(BigadaptError):
+    """A config key has a bad name, type or value."""
+
+
+class DataError(BigadaptError):
+    """A data file is missing, malformed or holds an out-of-range label."""
+
+
+class CheckpointError(BigadaptError):
+    """A checkpoint is missing, incomplete, corrupted or belongs to another base model."""
+
+
+class SlurmError(BigadaptError):
+    """sbatch/scontrol refused a request."""

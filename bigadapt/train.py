@@ -1,0 +1,252 @@
+"""The training run, top to bottom: validate -> shard-load the base -> inject -> DeepSpeed -> loop -> save.
+
+The loop is world-size independent by construction: the global batch, its data, its loss normalisation
+and the RNG of each step are functions of (seed, step), so a run checkpointed on N ranks resumes on M.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__, checkpoint, display, engine, methods, objectives, targets, zero
+from . import model as base_model
+from .config import RunConfig, check_world, dump_config
+from .data import build_task
+from .data.batching import StepSampler, collate, count_targets
+from .errors import EXIT_PREEMPTED
+
+
+class StopRequest:
+    """SIGUSR1 (SLURM's warning) or SIGTERM (preemption): finish the step, checkpoint, exit EXIT_PREEMPTED.
+
+    The handler only sets a flag, so a second signal during the save changes nothing.
+    """
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+
+def lr_at(step: int, cfg: RunConfig, total: int) -> float:
+    """Linear warmup, then linear decay to zero: a pure function of the step, so resume needs no state."""
+    warm = cfg.train.warmup_steps
+    if step < warm:
+        return cfg.train.lr * (step + 1) / warm
+    return cfg.train.lr * max(0.0, (total - step) / max(1, total - warm))
+
+
+def validate_with_shapes(cfg: RunConfig) -> None:
+    """Targets that match no module are found on a meta-device copy, before any process or file exists."""
+    meta = base_model.build_meta(cfg.model)
+    methods.apply(meta, cfg)
+
+
+def run(cfg: RunConfig, resume: str | None = None) -> int:
+    validate_with_shapes(cfg)
+    accumulation = check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    stop = StopRequest()
+    engine.init_distributed()
+    world, rank = zero.world_size(), zero.rank()
+    conf = engine.ds_config(cfg, world, accumulation)
+    run_dir, ckpt_root = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+
+    zero.register_for_loading(conf)
+    model = base_model.build_base(cfg.model, cfg.train.seed)
+    base_fp = checkpoint.fingerprint(model, exclude=targets.head_prefixes(model))
+    torch.manual_seed(cfg.train.seed + 1)  # same adapter init on every rank
+    methods.apply(model, cfg)
+    eng, optimizer = engine.initialize(model, cfg, conf)
+    zero.unregister()
+
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        checkpoint.clean_stale(ckpt_root)
+    zero.barrier()
+    ckpt = checkpoint.find_resume(ckpt_root, resume, log=display.log)
+    start = checkpoint.restore(ckpt, eng.module, optimizer, base_fp)["step"] if ckpt else 0
+
+    holdings = zero.rank_holdings(eng.module, optimizer)
+    display.start_table(holdings, _trainable_rows(eng.module, cfg), engine.zero_stage(cfg, world), accumulation)
+    if rank == 0:
+        (run_dir / "layout.json").write_text(json.dumps(holdings, indent=1))
+        _trim_metrics(run_dir / "metrics.jsonl", start)
+    if ckpt:
+        display.log(f"resumed from {ckpt} at step {start}")
+
+    task = build_task(cfg, eng.module.config.vocab_size)
+    sampler = StepSampler(len(task.train), cfg.train.batch_size, cfg.train.seed)
+    total = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * sampler.steps_per_epoch))
+    manifest = _manifest(cfg, base_fp, world)
+    loop = Loop(cfg, eng, optimizer, task, sampler, total, run_dir, base_model.pad_id(eng.module), manifest)
+
+    step, outcome = loop.train(start, stop)
+    if outcome == "preempted":
+        checkpoint.save(ckpt_root, step, eng.module, optimizer, loop.state(step), manifest, cfg.train.keep_last)
+        display.log(f"stop requested (signal {stop.signal}): checkpointed step {step}; "
+                    f"rerun with --resume auto to continue")
+        return EXIT_PREEMPTED
+    final_eval = loop.evaluate(step)
+    state = dict(loop.state(step), eval=final_eval)
+    path = checkpoint.save(ckpt_root, step, eng.module, optimizer, state, manifest, cfg.train.keep_last)
+    _summary(path, holdings, final_eval, outcome)
+    return 0
+
+
+class Loop:
+    def __init__(self, cfg, eng, optimizer, task, sampler, total, run_dir, pad, manifest):
+        self.cfg, self.eng, self.optimizer, self.task = cfg, eng, optimizer, task
+        self.sampler, self.total, self.run_dir, self.pad = sampler, total, run_dir, pad
+        self.manifest = manifest
+        self.world, self.rank = zero.world_size(), zero.rank()
+        self.device = eng.device
+        self.started = time.time()
+
+    def state(self, step: int) -> dict:
+        return {"step": step, "optimizer_step": step, "samples_seen": step * self.cfg.train.batch_size,
+                "world_size_at_save": self.world, "seed": self.cfg.train.seed,
+                "elapsed_s": round(time.time() - self.started, 3)}
+
+    def train(self, start: int, stop: StopRequest) -> tuple[int, str]:
+        t = self.cfg.train
+        bar = display.progress(self.total, start)
+        if bar:
+            bar.start()
+        try:
+            for step in range(start, self.total):
+                if zero.all_reduce_max(self._should_stop(stop)):  # every rank stops at the same boundary
+                    return step, "preempted" if stop.signal else "time budget"
+                record = self.step(step)
+                done = step + 1
+                if bar:
+                    bar.update(0, completed=done, info=f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                                                      f"{record['tokens_per_s']:.0f} tok/s")
+                if t.log_every and (done % t.log_every == 0 or done == self.total):
+                    self._log(record)
+                if t.eval_every and done % t.eval_every == 0 and done < self.total:
+                    self.evaluate(done)
+                if t.save_every and done % t.save_every == 0 and done < self.total:
+                    checkpoint.save(self.run_dir / "checkpoints", done, self.eng.module, self.optimizer,
+                                    self.state(done), self.manifest, t.keep_last)
+            return self.total, "finished"
+        finally:
+            if bar:
+                bar.stop()
+
+    def _should_stop(self, stop: StopRequest) -> float:
+        budget = self.cfg.train.time_budget_s
+        return float(stop.signal is not None or bool(budget and time.time() - self.started > budget))
+
+    def step(self, step: int) -> dict:
+        t0 = time.time()
+        # dropout masks depend only on (seed, step, rank): an exact resume needs no saved RNG state
+        torch.manual_seed(self.cfg.train.seed * 1_000_003 + step * 4099 + self.rank)
+        lr = lr_at(step, self.cfg, self.total)
+        for group in zero.torch_optimizer(self.optimizer).param_groups:
+            group["lr"] = lr
+        examples = [self.task.train[i] for i in self.sampler.global_indices(step)]
+        n_terms = count_targets(examples, self.task.objective)
+        # engine.backward divides by accumulation steps and the all-reduce averages over ranks: undo both
+        scale = self.world * self.eng.gradient_accumulation_steps() / n_terms
+        loss_sum = 0.0
+        for idx in self.sampler.rank_micro_batches(step, self.rank, self.world, self.cfg.train.micro_batch):
+            batch = self._to_device(collate([self.task.train[i] for i in idx], self.task.objective, self.pad))
+            labels = batch.pop("labels")
+            loss = objectives.loss_sum(self.eng(**batch).logits, labels, self.task.objective)
+            self.eng.backward(loss * scale)
+            self.eng.step()
+            loss_sum += loss.item()
+        total_loss = zero.all_reduce_sum([loss_sum])[0] / n_terms
+        tokens = sum(len(e["input_ids"]) for e in examples)
+        dt = time.time() - t0
+        return {"step": step + 1, "loss": total_loss, "lr": lr, "samples": (step + 1) * self.cfg.train.batch_size,
+                "step_s": round(dt, 4), "tokens_per_s": tokens / dt, "mem_mb": round(display.memory_mb(), 1)}
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        """Sharded over ranks; every rank runs the same number of forwards (ZeRO-3 gathers are collective)."""
+        self.eng.eval()
+        ex = self.task.eval
+        per_rank = math.ceil(len(ex) / self.world)
+        mine = list(range(self.rank, len(ex), self.world))
+        mine += [-1] * (per_rank - len(mine))  # padding slots: run, but count nothing
+        sums = [0.0, 0.0, 0.0, 0.0]  # loss, terms, correct, predictions
+        mb = self.cfg.train.micro_batch
+        for i in range(0, per_rank, mb):
+            idx = mine[i:i + mb]
+            real = [j for j in idx if j >= 0]
+            batch = self._to_device(collate([ex[j if j >= 0 else 0] for j in idx], self.task.objective, self.pad))
+            labels = batch.pop("labels")
+            logits = self.eng(**batch).logits[:len(real)]  # padding slots come last
+            if real:
+                labels = labels[:len(real)]
+                sums[0] += objectives.loss_sum(logits, labels, self.task.objective).item()
+                sums[1] += count_targets([ex[j] for j in real], self.task.objective)
+                c, n = objectives.correct(logits, labels, self.task.objective)
+                sums[2] += c
+                sums[3] += n
+        loss, terms, right, n = zero.all_reduce_sum(sums)
+        self.eng.train()
+        result = {"step": step, "split": "eval", "eval_loss": loss / max(terms, 1)}
+        if n:
+            result["accuracy"] = right / n
+        self._log(result)
+        return result
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        display.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+
+def _trainable_rows(model, cfg) -> list[tuple[str, str, int]]:
+    heads = targets.head_prefixes(model)
+    rows: dict[str, list] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            kind = "task head" if any(n.startswith(h + ".") for h in heads) else cfg.method.name
+            row = rows.setdefault(kind, [f"{str(p.dtype).replace('torch.', '')} / fp32", 0])
+            row[1] += zero.full_numel(p)
+    return [(k, d, n) for k, (d, n) in rows.items()]
+
+
+def _manifest(cfg: RunConfig, base_fp: dict, world: int) -> dict:
+    import deepspeed
+    import transformers
+    return {"config": cfg.to_dict(), "base": base_fp, "world_size_at_save": world,
+            "versions": {"bigadapt": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                         "transformers": transformers.__version__}}
+
+
+def _trim_metrics(path: Path, start: int) -> None:
+    """On resume, drop records the interrupted run wrote after its last checkpoint (they will be redone)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= start]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _summary(path: Path, holdings: dict, final_eval: dict, outcome: str) -> None:
+    if zero.rank() != 0:
+        return
+    size = (path / "adapter.safetensors").stat().st_size
+    n, total = holdings["trainable_numel_total"], holdings["base_numel_total"]
+    metric = f"accuracy {final_eval['accuracy']:.3f}, " if "accuracy" in final_eval else ""
+    display.log(f"done ({outcome}): {metric}eval loss {final_eval['eval_loss']:.4f}")
+    display.log(f"adapter: {path / 'adapter.safetensors'} ({size / 1024:.1f} KiB); trainable {n:,} params = "
+                f"{100 * n / max(total, 1):.3f}% of the {total:,}-param base")

@@ -1,0 +1,239 @@
+"""Every ZeRO-3 detail in one place.
+
+Under ZeRO-3 a parameter's `.data` is an empty placeholder: its true shape is `ds_shape`, this rank's
+slice is `ds_tensor`, and the fp32 master and Adam moments live in the optimizer's flat partitions.
+Everything else in bigadapt asks this module, so the rest of the code reads as if parameters were whole.
+Functions marked *collective* must be called by every rank in the same order.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+
+_hf_ds_config = None  # transformers holds only a weak reference: keep it alive while loading
+
+
+def is_zero(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    return tuple(p.ds_shape) if is_zero(p) else tuple(p.shape)
+
+
+def full_numel(p: torch.Tensor) -> int:
+    return int(p.ds_numel) if is_zero(p) else p.numel()
+
+
+def local_numel(p: torch.Tensor) -> int:
+    """Elements this rank stores for p (its partition under ZeRO-3, all of it otherwise)."""
+    return int(p.ds_tensor.numel()) if is_zero(p) else p.numel()
+
+
+def local_bytes(p: torch.Tensor) -> int:
+    return local_numel(p) * (p.ds_tensor.element_size() if is_zero(p) else p.element_size())
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def register_for_loading(ds_config: dict) -> None:
+    """Make transformers build/load under zero.Init, so each rank keeps only its partition while reading.
+
+    Must happen before from_pretrained/from_config, and every later from_pretrained is then a collective.
+    """
+    global _hf_ds_config
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+        _hf_ds_config = HfDeepSpeedConfig(ds_config)
+
+
+def unregister() -> None:
+    global _hf_ds_config
+    if _hf_ds_config is not None:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+        unset_hf_deepspeed_config()
+        _hf_ds_config = None
+
+
+@contextlib.contextmanager
+def gathered(params, modify: bool = False):
+    """*Collective.* Make exactly these params whole for the block; yields whether this rank may write them.
+
+    With modify=True rank 0's writes are broadcast and re-partitioned on exit. Params that are not ZeRO-3
+    partitioned are already whole: every rank writes its own copy.
+    """
+    zp = [p for p in params if is_zero(p)]
+    if not zp:
+        yield True
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(zp, modifier_rank=0 if modify else None):
+        yield rank() == 0 or not modify
+
+
+def _hp_managed(p: torch.Tensor) -> bool:
+    # ZeRO-3 params, or ZeRO-1/2 / bf16-optimizer params whose fp32 master lives in the optimizer
+    return is_zero(p) or hasattr(p, "_hp_mapping")
+
+
+def full_master(p: torch.Tensor) -> torch.Tensor:
+    """*Collective.* The full fp32 master of a trainable parameter, on CPU, at its true shape."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    v = safe_get_full_fp32_param(p) if _hp_managed(p) else p.detach()
+    return v.detach().float().cpu().reshape(full_shape(p)).clone()
+
+
+def set_master(p: torch.Tensor, value: torch.Tensor) -> None:
+    """*Collective.* Set the fp32 master and the working copy (which DeepSpeed would not refresh itself)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+    if _hp_managed(p):
+        safe_set_full_fp32_param(p, value.float().to(_device(p)).reshape(-1))
+    with gathered([p], modify=True) as writer:
+        if writer:
+            p.data.copy_(value.to(p.dtype).reshape(p.data.shape))
+
+
+def _device(p: torch.Tensor) -> torch.device:
+    return p.ds_tensor.device if is_zero(p) else p.device
+
+
+def torch_optimizer(opt):
+    """The torch optimizer under DeepSpeed's wrappers (its state is keyed by DeepSpeed's flat partitions)."""
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def master_params(opt) -> list[torch.Tensor]:
+    """The fp32 tensors the torch optimizer steps, i.e. the keys of its state.
+
+    ZeRO-3 keeps its flat fp32 partitions out of param_groups between steps (it swaps them in per
+    sub-group inside step()), so they are read from the wrapper; elsewhere param_groups hold them.
+    """
+    wrapper = opt
+    while not isinstance(wrapper, torch.optim.Optimizer):
+        if hasattr(wrapper, "fp32_partitioned_groups_flat"):
+            return list(wrapper.fp32_partitioned_groups_flat)
+        if not hasattr(wrapper, "optimizer"):
+            break
+        wrapper = wrapper.optimizer
+    return [p for g in torch_optimizer(opt).param_groups for p in g["params"]]
+
+
+def full_optimizer_state(opt, p: torch.Tensor, key: str) -> torch.Tensor:
+    """*Collective.* An Adam moment of p at p's true shape, fp32, on CPU."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+    v = safe_get_full_optimizer_state(p, key) if _hp_managed(p) else torch_optimizer(opt).state[p][key]
+    return v.detach().float().cpu().reshape(full_shape(p)).clone()
+
+
+def set_optimizer_state(opt, p: torch.Tensor, key: str, value: torch.Tensor) -> None:
+    """*Collective.*"""
+    from deepspeed.utils import safe_set_full_optimizer_state
+    if _hp_managed(p):
+        safe_set_full_optimizer_state(p, value.float().to(_device(p)).reshape(-1), key)
+    else:
+        torch_optimizer(opt).state[p][key].copy_(value.reshape(p.shape))
+
+
+def ensure_adam_state(opt, step: int) -> None:
+    """Create Adam state before the first step (torch creates it lazily) so a resume can fill it in."""
+    inner = torch_optimizer(opt)
+    # fused/capturable AdamW keeps `step` on the parameter's device, the others on the CPU
+    on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
+    for p in master_params(opt):
+        st = inner.state[p]
+        if not st:
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["step"] = torch.tensor(float(step), device=p.device if on_device else "cpu")
+
+
+def leading_elements(p: torch.Tensor, k: int) -> torch.Tensor:
+    """*Collective.* The first k elements of the flattened full parameter, identical on every rank.
+
+    They sit in rank 0's partition whenever the partition is at least k long, so nothing is gathered for
+    large tensors; small ones are gathered whole. The answer does not depend on the world size.
+    """
+    k = min(k, full_numel(p))
+    if not is_zero(p):
+        return p.detach().reshape(-1)[:k].float().cpu()
+    if math.ceil(full_numel(p) / world_size()) < k:
+        with gathered([p]):
+            return p.detach().reshape(-1)[:k].float().cpu()
+    buf = p.ds_tensor.detach().reshape(-1)[:k].float().clone().to(_comm_device())
+    if world_size() > 1:
+        dist.broadcast(buf, src=0)
+    return buf.cpu()
+
+
+def _comm_device() -> torch.device:
+    # NCCL moves only GPU tensors; gloo (CPU runs) only host ones
+    if world_size() > 1 and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_object(obj) -> list:
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_max(flag: float) -> float:
+    """*Collective.* Used to agree on stop requests: any rank's signal stops every rank."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def rank_holdings(model, optimizer) -> dict:
+    """*Collective.* What this rank actually stores: base partition, trainable partition, optimizer state.
+
+    Read from DeepSpeed's partition metadata (ds_tensor) and the optimizer's state tensors, not predicted.
+    """
+    base = [p for p in model.parameters() if not p.requires_grad]
+    train = [p for p in model.parameters() if p.requires_grad]
+    inner = torch_optimizer(optimizer)
+    opt_tensors = [t for st in inner.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0]
+    masters = master_params(optimizer)
+    mine = {
+        "rank": rank(),
+        "base_numel": sum(local_numel(p) for p in base),
+        "base_bytes": sum(local_bytes(p) for p in base),
+        "trainable_numel": sum(local_numel(p) for p in train),
+        "master_numel": sum(p.numel() for p in masters),
+        "optimizer_state_numel": sum(t.numel() for t in opt_tensors),
+        "optimizer_state_bytes": sum(t.numel() * t.element_size() for t in opt_tensors),
+    }
+    return {"world_size": world_size(),
+            "base_numel_total": sum(full_numel(p) for p in base),
+            "trainable_numel_total": sum(full_numel(p) for p in train),
+            "ranks": all_gather_object(mine)}

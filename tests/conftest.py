@@ -1,0 +1,83 @@
+"""Shared helpers: tiny configs as real YAML files, and real launches (plain python or the deepspeed launcher)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY_GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 96, "n_positions": 64,
+             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "bos_token_id": 0, "eos_token_id": 0,
+             "pad_token_id": 0}
+TINY_LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 96, "max_position_embeddings": 64,
+              "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+
+
+def tiny_config(run_dir: Path, arch: dict = TINY_GPT2, **sections) -> dict:
+    """A small, fast, learnable run; `sections` override per section, e.g. train={"max_steps": 4}."""
+    cfg = {
+        "run_dir": str(run_dir),
+        "model": {"arch": dict(arch), "objective": "seq_cls"},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "targets": ["q", "v"]},
+        "data": {"task": "synthetic_cls", "seq_len": 16, "num_train": 512, "num_eval": 64},
+        "train": {"batch_size": 16, "micro_batch": 4, "lr": 2e-3, "max_steps": 8, "log_every": 1},
+        "zero": {"param_persistence_threshold": 0},
+    }
+    for section, values in sections.items():
+        cfg[section] = dict(cfg.get(section, {}), **values) if isinstance(values, dict) else values
+    return cfg
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def env() -> dict:
+    e = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
+             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # the venv's ninja: no JIT rebuilds
+    e.pop("RANK", None)
+    return e
+
+
+def run_cli(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bigadapt", *args], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def launch(n: int, *args: str, timeout: int = 400, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus n launch/train.py ...`: the real launcher, real ranks, gloo on CPU."""
+    port = str(29500 + (os.getpid() % 500))
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", port, "launch/train.py", *args]
+    return subprocess.run(cmd, cwd=REPO, env=dict(env(), **(extra_env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One real single-process training run with two checkpoints, shared by the checkpoint/export tests."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    cfg = write_config(run_dir.parent / "cfg.yaml", tiny_config(run_dir, train={"save_every": 4, "keep_last": 3}))
+    check(run_cli("train", "--config", str(cfg)))
+    return run_dir
