@@ -53,10 +53,11 @@ def run_cli(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess
                           text=True, timeout=timeout, **kw)
 
 
-def launch(n: int, *args: str, timeout: int = 400, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(n: int, *args: str, script: str = "launch/train.py", timeout: int = 400,
+           extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus n launch/train.py ...`: the real launcher, real ranks, gloo on CPU."""
     port = str(29500 + (os.getpid() % 500))
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", port, "launch/train.py", *args]
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", port, script, *args]
     return subprocess.run(cmd, cwd=REPO, env=dict(env(), **(extra_env or {})), capture_output=True, text=True,
                           timeout=timeout)
 

@@ -1,0 +1,42 @@
+"""Leaving bigadapt: huggingface/peft loads our export with the same logits; the merged model matches too."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from bigadapt.config import config_from_dict
+from bigadapt.export import load_trained, resolve_checkpoint
+from bigadapt.model import build_base
+
+from .conftest import check, run_cli
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(7)
+    return {"input_ids": torch.randint(1, 96, (6, 16), generator=g), "attention_mask": torch.ones(6, 16, dtype=torch.long)}
+
+
+def test_peft_loads_the_export_with_matching_logits(trained_run, tmp_path):
+    from peft import PeftModel
+    ours, manifest, cfg = load_trained(trained_run)
+    out = tmp_path / "peft"
+    check(run_cli("export", str(trained_run), str(out), "--format", "peft"))
+    base = build_base(config_from_dict(manifest["config"]).model, cfg.train.seed).eval()
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    x = _inputs()
+    with torch.no_grad():
+        expected, got = ours(**x).logits, peft_model(**x).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the adapter matters: the base alone gives other logits
+        assert not torch.allclose(build_base(cfg.model, cfg.train.seed).eval()(**x).logits, expected, atol=1e-4)
+
+
+def test_merged_model_matches(trained_run, tmp_path):
+    ours, _, _ = load_trained(trained_run)
+    out = tmp_path / "merged"
+    check(run_cli("merge", str(resolve_checkpoint(trained_run)), str(out)))
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    x = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**x).logits, ours(**x).logits, rtol=1e-4, atol=1e-5)
