@@ -27,11 +27,21 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="write a Hugging Face model with the adapter merged into the base")
     m.add_argument("run", help="run directory or checkpoint directory")
     m.add_argument("out")
+    b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
+    b.add_argument("what", choices=["peft"], help="peft: LoRA training step vs huggingface/peft + DeepSpeed")
+    b.add_argument("--ranks", type=int, default=2)
+    b.add_argument("--rounds", type=int, default=2, help="alternating launches per side")
+    b.add_argument("--json", help="also write the numbers to this file")
+    b.epilog = "Other flags go to each side, e.g. --arch llama-small --steps 40 --stage 3."
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and args.command != "bench":
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.rest = extra
     try:
         return _dispatch(args)
     except BigadaptError as e:
@@ -45,6 +55,16 @@ def _dispatch(args) -> int:
         from .config import load_config
         from .train import run
         return run(load_config(args.config, args.overrides), args.resume)
+    if args.command == "bench":
+        import json
+
+        from .bench.peft_compare import compare, report
+        summary = compare(args.ranks, args.rounds, args.rest)
+        report(summary)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(summary, f, indent=1)
+        return 0
     from . import export
     if args.command == "export":
         return export.to_peft(args.run, args.out)

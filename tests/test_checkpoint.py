@@ -122,3 +122,25 @@ def test_signal_checkpoints_at_a_step_boundary_and_exits_3(tmp_path):
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == int(ckpt.name.split("-")[1]) >= 1
     assert "stop requested" in out
+
+
+def test_keep_last_prunes_only_older_complete_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        (root / f"step-{step:08d}").mkdir(parents=True)
+        (root / f"step-{step:08d}" / "manifest.json").write_text("{}")
+    (root / "step-00000010").mkdir()  # no manifest: a save in progress, not a checkpoint
+    checkpoint.prune(root, keep_last=2)
+    assert sorted(d.name for d in root.iterdir()) == ["step-00000006", "step-00000008", "step-00000010"]
+
+
+def test_causal_lm_objective_trains_and_evaluates(tmp_path):
+    run_dir = tmp_path / "lm"
+    cfg = write_config(tmp_path / "lm.yaml", tiny_config(run_dir, model={"objective": "causal_lm"},
+                                                         data={"task": "synthetic_lm", "seq_len": 16},
+                                                         train={"max_steps": 4}))
+    check(run_cli("train", "--config", str(cfg)))
+    final = [m for m in metrics(run_dir) if m.get("split") == "eval"][-1]
+    assert 0.0 <= final["accuracy"] <= 1.0 and final["eval_loss"] > 0  # next-token accuracy on the copy half
+    tensors = load_file(checkpoint.complete(run_dir / "checkpoints")[-1] / "adapter.safetensors")
+    assert all("lora_" in n for n in tensors)

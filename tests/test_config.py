@@ -53,7 +53,13 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--set", "method.r=0"], "method.r=0"),
+    (["--set", "method.alpha=0"], "method.alpha=0.0"),
+    (["--set", "zero.stage=5"], "zero.stage=5"),
+    (["--set", "train.micro_batch=-2"], "train.micro_batch=-2"),
+    (["--set", "train.lerning_rate=1"], "train.lerning_rate: unknown key"),
+    (["--set", "method.r=two"], "method.r: expected int"),
     (["--set", "method.targets=[ffn_gate]"], "gpt2 has no 'ffn_gate'"),
+    (["--set", "method.targets=[c_attnn]"], "'c_attnn' matches no module"),
     (["--set", "model.name_or_path=org/not-downloadable", "--set", "model.arch={}"], "cannot be resolved"),
     (["--config", "nope.yaml"], "no such file"),
 ])

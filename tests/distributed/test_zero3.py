@@ -76,13 +76,26 @@ def test_resume_one_rank_to_two(tmp_path):
     _assert_same_adapter(single, resumed, exact=False)
 
 
-def test_llama_style_model_on_two_ranks(tmp_path):
-    run = _run(tmp_path, "llama", 2, arch=TINY_LLAMA, method={"targets": ["q", "k", "v", "o"]},
+def test_llama_from_a_local_directory_in_bf16_on_two_ranks(tmp_path):
+    """from_pretrained of real files under ZeRO-3: each rank keeps half, in bf16; LoRA masters stay fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    arch = dict(TINY_LLAMA)
+    local = tmp_path / "tiny-llama"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(arch.pop("model_type"), **arch)).save_pretrained(local)
+    run = _run(tmp_path, "llama", 2, model={"name_or_path": str(local), "arch": {}, "objective": "causal_lm",
+                                           "dtype": "bf16"},
+               method={"targets": ["q", "k", "v", "o"]}, data={"task": "synthetic_lm", "seq_len": 16},
                train={"max_steps": 4, "lr": 5e-3})
     layout = json.loads((run / "layout.json").read_text())
-    assert all(abs(r["base_numel"] - layout["base_numel_total"] / 2) <= 60 for r in layout["ranks"])
-    tensors = load_file(checkpoint.complete(run / "checkpoints")[-1] / "adapter.safetensors")
+    for r in layout["ranks"]:
+        assert abs(r["base_numel"] - layout["base_numel_total"] / 2) <= 60
+        assert r["base_bytes"] == 2 * r["base_numel"]  # bf16 partitions
+    ckpt = checkpoint.complete(run / "checkpoints")[-1]
+    tensors = load_file(ckpt / "adapter.safetensors")
     assert tensors["model.layers.0.self_attn.k_proj.lora_B"].shape == (32, 4)  # GQA: 2 kv heads x 16
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert all("lora_" in n for n in tensors)  # causal LM: no head
+    assert checkpoint.verify(ckpt)["base"]["dtype"] == "bfloat16"
     assert all(torch.isfinite(torch.tensor(v)) for v in train_losses(run).values())
 
 

@@ -1,0 +1,59 @@
+"""`bigadapt bench peft`: bigadapt LoRA vs huggingface/peft LoRA under the same DeepSpeed setup.
+
+Launches the two sides alternately (A B A B ...) through the real deepspeed launcher so slow drift of the
+machine hits both, then prints each side's median step time, peak memory and the ratios.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def run_side(impl: str, ranks: int, extra: list[str], out: Path) -> dict:
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(launcher), "--num_gpus", str(ranks), "--module", "bigadapt.bench.peft_step",
+           "--impl", impl, "--out", str(out), *extra]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{impl} side failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
+def compare(ranks: int = 2, rounds: int = 2, extra: list[str] = ()) -> dict:
+    results: dict[str, list[dict]] = {"bigadapt": [], "peft": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(rounds):
+            for impl in ("bigadapt", "peft") if i % 2 == 0 else ("peft", "bigadapt"):
+                results[impl].append(run_side(impl, ranks, list(extra), Path(tmp) / f"{impl}-{i}.json"))
+    summary = {impl: {"median_step_s": statistics.median(r["median_step_s"] for r in rs),
+                      "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "first_loss": rs[0]["first_loss"],
+                      "trainable": rs[0]["trainable"]} for impl, rs in results.items()}
+    b, p = summary["bigadapt"], summary["peft"]
+    summary["step_time_ratio"] = b["median_step_s"] / p["median_step_s"]
+    summary["memory_ratio"] = b["peak_rss_mb"] / p["peak_rss_mb"]
+    summary["same_initial_loss"] = abs(b["first_loss"] - p["first_loss"]) < 1e-5
+    summary["args"] = results["bigadapt"][0]["args"]
+    return summary
+
+
+def report(s: dict) -> None:
+    t = Table(title=f"LoRA step, {s['args']['arch']}, ZeRO stage {s['args']['stage']}, "
+                    f"{s['args']['micro_batch']}x{s['args']['seq_len']} tokens per rank")
+    for col in ("", "median step (s)", "peak memory (MiB)", "trainable params", "initial loss"):
+        t.add_column(col, justify="right")
+    for impl in ("bigadapt", "peft"):
+        r = s[impl]
+        t.add_row(impl, f"{r['median_step_s']:.4f}", f"{r['peak_rss_mb']:.0f}", f"{r['trainable']:,}",
+                  f"{r['first_loss']:.6f}")
+    Console().print(t)
+    print(f"step time ratio bigadapt/peft = {s['step_time_ratio']:.3f} (target <= 0.90); "
+          f"memory ratio = {s['memory_ratio']:.3f} (target <= 1.0); same initial loss: {s['same_initial_loss']}")

@@ -1,0 +1,93 @@
+"""One side of the LoRA-vs-PEFT step-time benchmark, run on every rank by the deepspeed launcher.
+
+Both sides share the base, DeepSpeed config, optimizer, data and training step; only the LoRA
+implementation differs (bigadapt's LoRA module vs huggingface/peft's LoraModel).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from .. import engine, methods, objectives, zero
+from .. import model as base_model
+from ..config import config_from_dict
+from ..display import memory_mb
+
+ARCHS = {
+    "gpt2-small": {"model_type": "gpt2", "n_layer": 6, "n_embd": 384, "n_head": 6, "vocab_size": 4096,
+                   "n_positions": 256, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    "llama-small": {"model_type": "llama", "num_hidden_layers": 6, "hidden_size": 384, "num_attention_heads": 6,
+                    "num_key_value_heads": 6, "intermediate_size": 1024, "vocab_size": 4096,
+                    "max_position_embeddings": 256},
+}
+# the same modules on both sides (PEFT has no per-slice LoRA on GPT-2's fused c_attn)
+TARGETS = {"gpt2-small": (["attn.c_attn"], ["c_attn"]), "llama-small": (["q", "v"], ["q_proj", "v_proj"])}
+
+
+def build(args):
+    world = zero.world_size()
+    ours, theirs = TARGETS[args.arch]
+    cfg = config_from_dict({
+        "model": {"arch": ARCHS[args.arch], "objective": "causal_lm"},
+        "method": {"r": args.r, "alpha": 2 * args.r, "targets": ours},
+        "train": {"batch_size": args.micro_batch * world, "micro_batch": args.micro_batch, "lr": 1e-4},
+        "zero": {"stage": args.stage, "param_persistence_threshold": args.persistence},
+    })
+    conf = engine.ds_config(cfg, world, 1)
+    zero.register_for_loading(conf)
+    model = base_model.build_base(cfg.model, 0)
+    if args.impl == "bigadapt":
+        methods.apply(model, cfg)
+    else:
+        from peft import LoraConfig, get_peft_model
+        model.requires_grad_(False)
+        model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=theirs,
+                                                 lora_dropout=0.0, fan_in_fan_out=args.arch.startswith("gpt2")))
+    eng, _ = engine.initialize(model, cfg, conf)
+    return eng, cfg
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--impl", choices=["bigadapt", "peft"], required=True)
+    p.add_argument("--arch", choices=sorted(ARCHS), default="gpt2-small")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--stage", type=int, default=3)
+    p.add_argument("--persistence", type=int, default=100_000)
+    p.add_argument("--out", required=True)
+    p.add_argument("--local_rank", type=int)
+    args = p.parse_args()
+    engine.init_distributed()
+    eng, cfg = build(args)
+    g = torch.Generator().manual_seed(1 + zero.rank())
+    x = torch.randint(1, 4096, (args.micro_batch, args.seq_len), generator=g).to(eng.device)
+    times, losses = [], []
+    for _ in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        loss = objectives.loss_sum(eng(input_ids=x).logits, x, "causal_lm") / x.numel()
+        eng.backward(loss)
+        eng.step()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    trainable = sum(zero.full_numel(q) for q in eng.module.parameters() if q.requires_grad)
+    result = {"impl": args.impl, "median_step_s": statistics.median(times[args.warmup:]),
+              "peak_rss_mb": memory_mb(), "first_loss": losses[0], "trainable": trainable,
+              "adapter_bytes_fp32": 4 * trainable, "world_size": zero.world_size(), "args": vars(args)}
+    results = zero.all_gather_object(result)
+    if zero.rank() == 0:
+        result["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)  # the worst rank decides what fits
+        result["median_step_s"] = max(r["median_step_s"] for r in results)
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
