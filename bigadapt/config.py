@@ -40,6 +40,11 @@ class MethodConfig:
     targets: list[str] = field(default_factory=lambda: ["q", "v"])  # paper names or module-name patterns
     rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
     train_head: bool = True  # a newly created task head (seq_cls) is trained and saved with the adapter
+    l_p: int = 0  # prefix tuning: prefix tokens (pre_embed, pre_layer, lora+pe, lora+pl)
+    l_i: int = 0  # prefix tuning: infix tokens
+    top_k: int = 2  # ft_top_k: fine-tune the last k layers (the paper's FTTop2)
+    bitfit_subset: bool = False  # bitfit: only query and FFN-intermediate biases (BitFit's subset variant)
+    adapter_drop: int = 0  # adapter_d: no adapters in the lowest n layers (AdapterDrop)
 
 
 @dataclass
@@ -105,7 +110,8 @@ EMBEDDED_DEFAULT = {
     "data": {"task": "synthetic_cls", "seq_len": 32, "num_train": 8192, "num_eval": 512},
     "train": {"batch_size": 32, "micro_batch": 16, "lr": 2e-3, "warmup_steps": 20, "max_steps": 250,
               "eval_every": 125, "save_every": 125, "log_every": 25},
-    "zero": {"param_persistence_threshold": 0},  # partition every tensor, so each rank visibly holds 1/N
+    # always the real sharded path (even on one rank); partition every tensor, so each rank visibly holds 1/N
+    "zero": {"stage": 3, "param_persistence_threshold": 0},
 }
 
 
@@ -214,6 +220,7 @@ def _check(ok: bool, key: str, value: Any, fix: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Value checks that need no model, no files and no process group."""
+    from . import methods
     from .data import TASKS
     from .methods import METHODS
 
@@ -228,6 +235,9 @@ def validate(cfg: RunConfig) -> None:
     _check(me.alpha > 0, "method.alpha", me.alpha, "alpha must be > 0 (the paper sets it to the first r tried)")
     _check(0 <= me.dropout < 1, "method.dropout", me.dropout, "dropout is a probability in [0, 1)")
     _check(len(me.targets) > 0, "method.targets", me.targets, "name at least one target, e.g. [q, v]")
+    for key in ("l_p", "l_i", "top_k", "adapter_drop"):
+        _check(getattr(me, key) >= 0, f"method.{key}", getattr(me, key), "must be >= 0")
+    methods.validate(me)
     _check(d.task in TASKS, "data.task", d.task, f"unknown task; choose one of {', '.join(sorted(TASKS))}")
     _check(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
     _check(t.micro_batch > 0, "train.micro_batch", t.micro_batch, "must be a positive integer")

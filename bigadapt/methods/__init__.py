@@ -1,21 +1,36 @@
-"""Methods by the paper's names. Each module offers `inject(model, method_cfg) -> list[str]` (the modules it
-changed) and, where the math allows, `merge`/`unmerge`. Injection only adds trainable pieces: freezing the
-base and choosing the trainable set is the framework's job (see `apply`)."""
+"""Methods by the paper's names.
+
+Each method module offers `inject(model, method_cfg) -> list[str]` (the modules or parameters it made
+trainable), optionally `validate(method_cfg)` (ConfigErrors for its own keys) and, where the math allows,
+`merge(model)` / `unmerge(model)`. Injection only adds or unfreezes: freezing the base first and
+unfreezing a fresh task head is the framework's job (`apply`).
+"""
 from __future__ import annotations
+
+import importlib
 
 from torch import nn
 
 from .. import targets as tg
-from . import lora
 
-METHODS = {"lora": lora}
+# paper name -> module in this package
+METHODS = {"lora": "lora"}
+
+
+def get(name: str):
+    return importlib.import_module(f"{__name__}.{METHODS[name]}")
+
+
+def validate(mcfg) -> None:
+    check = getattr(get(mcfg.name), "validate", None)
+    if check:
+        check(mcfg)
 
 
 def apply(model: nn.Module, cfg) -> list[str]:
     """Freeze the base, inject the method, unfreeze a fresh task head; returns the trainable parameter names."""
     model.requires_grad_(False)
-    method = METHODS[cfg.method.name]
-    method.inject(model, cfg.method)
+    get(cfg.method.name).inject(model, cfg.method)
     if cfg.model.objective == "seq_cls" and cfg.method.train_head:
         for prefix in tg.head_prefixes(model):
             model.get_submodule(prefix).requires_grad_(True)
