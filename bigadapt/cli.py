@@ -16,6 +16,22 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
+def _submit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="0 = CPU job")
+    p.add_argument("--ranks-per-node", type=int, help="default: one per GPU, or 1 on CPU")
+    p.add_argument("--cpus-per-node", type=int, help="default: 4 per GPU rank, 1 per CPU rank")
+    p.add_argument("--time", default="01:00:00", help="[D-]HH:MM:SS")
+    for opt in ("--partition", "--account", "--qos", "--constraint", "--name"):
+        p.add_argument(opt)
+    p.add_argument("--signal-lead", type=int, default=120, help="seconds of warning (SIGUSR1) before the limit")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="one array task per combination, e.g. --sweep method.r=4,8 --sweep train.seed=0,1")
+    p.add_argument("--dry-run", action="store_true", help="print the job script; submit nothing")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bigadapt", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -27,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="write a Hugging Face model with the adapter merged into the base")
     m.add_argument("run", help="run directory or checkpoint directory")
     m.add_argument("out")
+    _submit_args(sub.add_parser("submit", help="submit a run to SLURM (job array for --sweep)"))
+    st = sub.add_parser("status", help="job state and progress of a run directory")
+    st.add_argument("run")
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     b.add_argument("what", choices=["peft"], help="peft: LoRA training step vs huggingface/peft + DeepSpeed")
     b.add_argument("--ranks", type=int, default=2)
@@ -55,6 +74,9 @@ def _dispatch(args) -> int:
         from .config import load_config
         from .train import run
         return run(load_config(args.config, args.overrides), args.resume)
+    if args.command in ("submit", "status"):
+        from . import jobs
+        return jobs.submit(args) if args.command == "submit" else jobs.status(args.run)
     if args.command == "bench":
         import json
 

@@ -13,7 +13,8 @@ from .conftest import check, run_cli
 
 def _inputs():
     g = torch.Generator().manual_seed(7)
-    return {"input_ids": torch.randint(1, 96, (6, 16), generator=g), "attention_mask": torch.ones(6, 16, dtype=torch.long)}
+    ids = torch.randint(1, 96, (6, 16), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def test_peft_loads_the_export_with_matching_logits(trained_run, tmp_path):

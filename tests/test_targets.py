@@ -44,7 +44,7 @@ def test_all_four_attention_matrices_and_ffn():
 
 
 def test_fused_gpt2_q_v_share_one_module():
-    cfg = config_from_dict({"model": {"arch": GPT2_MEDIUM, "objective": "causal_lm"}, "method": {"targets": ["q", "v"]}})
+    cfg = config_from_dict({"model": {"arch": GPT2_MEDIUM, "objective": "causal_lm"}})
     found = targets.resolve(build_meta(cfg.model), ["q", "v"])
     assert len(found) == 24 and all(t.slices == (0, 2) and t.n_parts == 3 for t in found)
     assert all(t.name.endswith("attn.c_attn") for t in found)
