@@ -43,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="write a Hugging Face model with the adapter merged into the base")
     m.add_argument("run", help="run directory or checkpoint directory")
     m.add_argument("out")
+    from .estimate_cli import add_args as _estimate_args
+    _estimate_args(sub.add_parser("estimate", help="per-rank memory and storage before a run (meta device)"))
     _submit_args(sub.add_parser("submit", help="submit a run to SLURM (job array for --sweep)"))
     st = sub.add_parser("status", help="job state and progress of a run directory")
     st.add_argument("run")
@@ -74,6 +76,9 @@ def _dispatch(args) -> int:
         from .config import load_config
         from .train import run
         return run(load_config(args.config, args.overrides), args.resume)
+    if args.command == "estimate":
+        from .estimate_cli import main as estimate
+        return estimate(args)
     if args.command in ("submit", "status"):
         from . import jobs
         return jobs.submit(args) if args.command == "submit" else jobs.status(args.run)

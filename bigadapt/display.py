@@ -59,3 +59,15 @@ def progress(total_steps: int, start: int) -> Progress | None:
                  disable=not console.is_terminal and not os.environ.get("BIGADAPT_FORCE_PROGRESS"))
     p.add_task("train", total=total_steps, completed=start, info="")
     return p
+
+
+def accounting_table(rows: list[tuple[str, int, int, float]], predicted_total: int, peak: int) -> None:
+    """Predicted vs measured model-state bytes of rank 0."""
+    t = Table(title="memory: predicted before the run vs measured (rank 0)")
+    for col in ("component", "predicted MiB", "measured MiB", "error"):
+        t.add_column(col, justify="right")
+    for key, pred, meas, err in rows:
+        t.add_row(key, f"{pred / 2**20:.3f}", f"{meas / 2**20:.3f}", f"{100 * err:+.1f}%" if meas else "-")
+    t.add_row("peak (all memory)", f"{predicted_total / 2**20:.1f}", f"{peak / 2**20:.1f}",
+              f"{100 * (predicted_total - peak) / peak:+.1f}%")
+    console.print(t)

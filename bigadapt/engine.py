@@ -47,7 +47,9 @@ def zero_stage(cfg, world_size: int) -> int:
     return cfg.zero.stage if cfg.zero.stage is not None else (3 if world_size >= 2 else 0)
 
 
-def ds_config(cfg, world_size: int, accumulation: int) -> dict:
+def ds_config(cfg, world_size: int, accumulation: int, trainable: int | None = None) -> dict:
+    """The DeepSpeed config; `trainable` (element count) sizes the gradient-reduction bucket."""
+    from .accounting import reduce_bucket_elements
     stage = zero_stage(cfg, world_size)
     conf = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
@@ -59,6 +61,10 @@ def ds_config(cfg, world_size: int, accumulation: int) -> dict:
         "zero_allow_untested_optimizer": True,  # torch AdamW: no JIT-built op needed
         "zero_optimization": {"stage": stage},
     }
+    if trainable is not None and stage > 0:
+        # DeepSpeed allocates reduce_bucket_size (5e8 elements: 2 GB in fp32) up front on every rank;
+        # an adapter never fills more than its own size
+        conf["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_elements(trainable)
     if stage == 3:
         conf["zero_optimization"].update(
             stage3_param_persistence_threshold=cfg.zero.param_persistence_threshold,
@@ -81,8 +87,23 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def uniform_working_dtype(model, cfg) -> None:
+    """Give the method's new tensors the base dtype: DeepSpeed's mixed precision keeps one working dtype for
+    every trainable tensor (ZeRO-3 asserts it) and the fp32 masters in the optimizer. Base tensors made
+    trainable (a task head, BitFit's biases) already have it; casting them to fp32 would break their
+    modules' forward instead."""
+    from .model import DTYPES
+    work = DTYPES[cfg.model.dtype]
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype != work:
+            if zero.is_zero(p):
+                raise RuntimeError(f"{name}: a partitioned trainable tensor in {p.dtype}, base dtype {work}")
+            p.data = p.data.to(work)
+
+
 def initialize(model, cfg, conf: dict):
     import deepspeed
+    uniform_working_dtype(model, cfg)
     groups = param_groups(model, cfg.train.weight_decay)
     fused = torch.cuda.is_available()
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),

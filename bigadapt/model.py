@@ -6,6 +6,8 @@ holds the whole base. A meta-device build (no weights) serves validation and acc
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -87,8 +89,12 @@ def random_init(model: nn.Module, seed: int, prefixes: list[str] | None, std: fl
 
 
 def build_meta(mcfg) -> nn.Module:
-    """The base on the meta device: shapes and module names only, no memory, in seconds even for 175B."""
-    config = hf_config(mcfg)
+    """The base on the meta device: shapes and module names only, no memory, in seconds even for 175B.
+
+    A `model.arch` beside name_or_path describes the same shape and is used here without touching the
+    network, so estimates work on a laptop; loading the weights for training still uses name_or_path.
+    """
+    config = hf_config(dataclasses.replace(mcfg, name_or_path=None) if mcfg.arch else mcfg)
     with torch.device("meta"):
         return _auto_class(mcfg.objective).from_config(config, dtype=DTYPES[mcfg.dtype])
 

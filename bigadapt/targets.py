@@ -111,3 +111,39 @@ def _conv1d():
 def head_prefixes(model: nn.Module) -> list[str]:
     """Qualified names of the task head modules (seq_cls), e.g. ['score'] or ['classifier']."""
     return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+
+
+# The ModuleList of transformer blocks, by the end of its qualified name: GPT-2 `transformer.h`, BERT/RoBERTa
+# `<prefix>.encoder.layer`, LLaMA-style `model.layers`, OPT `model.decoder.layers`.
+LAYER_LISTS = ("transformer.h", "encoder.layer", "model.layers", "decoder.layers")
+
+
+def layer_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(qualified name, ModuleList) of the model's transformer blocks, lowest first."""
+    hits = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)
+            and any(n == s or n.endswith("." + s) for s in LAYER_LISTS)]
+    if len(hits) != 1:
+        found = "none" if not hits else ", ".join(n for n, _ in hits)
+        raise ConfigError(f"method.name: cannot tell the transformer layers of this {model_type(model) or 'model'} "
+                          f"(looked for a ModuleList ending in {', '.join(LAYER_LISTS)}; found {found})")
+    return hits[0]
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm or RMSNorm (LLaMA-style models define their own RMSNorm classes)."""
+    name = type(module).__name__
+    return isinstance(module, nn.LayerNorm) or name.endswith("LayerNorm") or "RMSNorm" in name
+
+
+def block_norms(block: nn.Module) -> list[str]:
+    """Names (relative to the block) of the norms inside one transformer block: two in every family here."""
+    return [n for n, m in block.named_modules() if n and is_norm(m)]
+
+
+def final_norm(model: nn.Module) -> list[str]:
+    """The norm after the last block (GPT-2 `ln_f`, LLaMA `norm`, OPT `final_layer_norm`; none in post-LN BERT):
+    a norm that is a sibling of the layer list."""
+    name, _ = layer_list(model)
+    parent = name.rpartition(".")[0]
+    module = model.get_submodule(parent) if parent else model
+    return [f"{parent}.{n}" if parent else n for n, m in module.named_children() if is_norm(m)]

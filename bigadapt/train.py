@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, checkpoint, display, engine, methods, objectives, targets, zero
+from . import __version__, accounting, checkpoint, display, engine, methods, objectives, targets, zero
 from . import model as base_model
 from .config import RunConfig, check_world, dump_config
 from .data import build_task
@@ -45,19 +45,18 @@ def lr_at(step: int, cfg: RunConfig, total: int) -> float:
     return cfg.train.lr * max(0.0, (total - step) / max(1, total - warm))
 
 
-def validate_with_shapes(cfg: RunConfig) -> None:
-    """Targets that match no module are found on a meta-device copy, before any process or file exists."""
-    meta = base_model.build_meta(cfg.model)
-    methods.apply(meta, cfg)
-
-
 def run(cfg: RunConfig, resume: str | None = None) -> int:
-    validate_with_shapes(cfg)
-    accumulation = check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    # the meta-device copy finds bad targets before any process or file exists, and feeds the accounting
+    shape, _ = accounting.shapes(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accumulation = check_world(cfg, world)
+    layout = accounting.Layout(world, engine.zero_stage(cfg, world), cfg.train.micro_batch, cfg.data.seq_len,
+                               device="gpu" if torch.cuda.is_available() else "cpu")
+    predicted = accounting.per_rank(shape, cfg, layout)
     stop = StopRequest()
     engine.init_distributed()
-    world, rank = zero.world_size(), zero.rank()
-    conf = engine.ds_config(cfg, world, accumulation)
+    rank = zero.rank()
+    conf = engine.ds_config(cfg, world, accumulation, sum(n for _, n, t, _ in shape.tensors if t))
     run_dir, ckpt_root = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
 
     zero.register_for_loading(conf)
@@ -71,6 +70,7 @@ def run(cfg: RunConfig, resume: str | None = None) -> int:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
+        (run_dir / "estimate.json").write_text(json.dumps({"layout": vars(layout), "per_rank": predicted}, indent=1))
         checkpoint.clean_stale(ckpt_root)
     zero.barrier()
     ckpt = checkpoint.find_resume(ckpt_root, resume, log=display.log)
@@ -99,8 +99,25 @@ def run(cfg: RunConfig, resume: str | None = None) -> int:
     final_eval = loop.evaluate(step)
     state = dict(loop.state(step), eval=final_eval)
     path = checkpoint.save(ckpt_root, step, eng.module, optimizer, state, manifest, cfg.train.keep_last)
+    _accounting_report(run_dir, predicted, eng, optimizer)
     _summary(path, holdings, final_eval, outcome)
     return 0
+
+
+def _accounting_report(run_dir: Path, predicted: dict, eng, optimizer) -> None:
+    """*Collective.* Measured model-state bytes of every rank beside the prediction made before the run."""
+    mine = dict(zero.measure_model_states(eng, optimizer), peak_memory=int(display.memory_mb() * 2**20))
+    ranks = zero.all_gather_object(mine)
+    if zero.rank() != 0:
+        return
+    rows = [accounting.compare(predicted, {k: v for k, v in r.items() if k != "peak_memory"}) for r in ranks]
+    worst = max(abs(e) for rr in rows for key, _, _, e in rr if key == "model_states")
+    (run_dir / "accounting.json").write_text(json.dumps(
+        {"predicted": predicted, "measured": ranks, "model_states_max_rel_error": worst}, indent=1))
+    # GPUs report allocated memory, which leaves out the CUDA context that the overhead constant covers
+    on_gpu = torch.cuda.is_available()
+    display.accounting_table(rows[0], predicted["total"] - (predicted["framework_overhead"] if on_gpu else 0),
+                             ranks[0]["peak_memory"])
 
 
 class Loop:

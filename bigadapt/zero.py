@@ -237,3 +237,48 @@ def rank_holdings(model, optimizer) -> dict:
             "base_numel_total": sum(full_numel(p) for p in base),
             "trainable_numel_total": sum(full_numel(p) for p in train),
             "ranks": all_gather_object(mine)}
+
+
+def _unique_bytes(tensors) -> int:
+    """Bytes of distinct storages (views of one flat buffer count once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not torch.is_tensor(t) or t.numel() == 0:
+            continue
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
+def measure_model_states(engine, optimizer) -> dict:
+    """*Local.* Bytes this rank holds at rest for parameters, gradients and optimizer state, read from
+    DeepSpeed's own buffers: partitions, persistent copies (params DeepSpeed marked ds_persist, kept whole
+    after first use; others a forward pass left gathered are transient), fp32 flats and their grads,
+    grad partitions, IPG buckets."""
+    model = engine.module
+    inner, wrapper = torch_optimizer(optimizer), optimizer
+    while not isinstance(wrapper, torch.optim.Optimizer) and not hasattr(wrapper, "fp32_partitioned_groups_flat") \
+            and hasattr(wrapper, "optimizer"):
+        wrapper = wrapper.optimizer
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    train = [p for p in model.parameters() if p.requires_grad]
+    persistent = [p for p in frozen + train if is_zero(p) and getattr(p, "ds_persist", False) and p.data.numel()]
+    lp = {t.untyped_storage().data_ptr() for p in train for t in [p.ds_tensor if is_zero(p) else p]}
+    masters = [m for m in master_params(optimizer) if m.untyped_storage().data_ptr() not in lp]
+    grads = [m.grad for m in master_params(optimizer)] + [p.grad for p in train if not is_zero(p)]
+    grads.append(getattr(wrapper, "grad_partitions_flat_buffer", None))
+    buckets = [b.buffer for b in getattr(wrapper, "ipg_buckets", {}).values() if getattr(b, "buffer", None) is not None]
+    states = [t for st in inner.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0]
+    out = {
+        "base_partition": sum(local_bytes(p) for p in frozen),
+        "persistent_copies": sum(p.data.numel() * p.data.element_size() for p in persistent),
+        "trainable_working": sum(local_bytes(p) for p in train),
+        "fp32_masters": _unique_bytes(masters),
+        "gradients": _unique_bytes(grads),
+        "optimizer_states": _unique_bytes(states),
+        "reduce_bucket": _unique_bytes(buckets),
+    }
+    out["model_states"] = sum(out.values())
+    return out

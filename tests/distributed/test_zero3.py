@@ -46,6 +46,17 @@ def test_each_rank_holds_half_of_the_frozen_base(two_rank_run):
         assert r["optimizer_state_numel"] < r["base_numel"] / 10
 
 
+def assert_accounting_matches(run_dir: Path) -> None:
+    """The memory predicted before the run matches what DeepSpeed held, on every rank, within 2%."""
+    report = json.loads((run_dir / "accounting.json").read_text())
+    assert report["model_states_max_rel_error"] <= 0.02, report
+    assert len(report["measured"]) == json.loads((run_dir / "layout.json").read_text())["world_size"]
+
+
+def test_memory_prediction_matches_measurement(two_rank_run, tmp_path):
+    assert_accounting_matches(two_rank_run)
+
+
 def test_adapter_file_holds_only_trainable_tensors_at_full_shape(two_rank_run):
     ckpt = checkpoint.complete(two_rank_run / "checkpoints")[-1]
     tensors = load_file(ckpt / "adapter.safetensors")
@@ -71,6 +82,7 @@ def test_resume_two_ranks_to_one(two_rank_run, tmp_path):
 
 def test_resume_one_rank_to_two(tmp_path):
     single = _run(tmp_path, "d", 1)
+    assert_accounting_matches(single)  # stage 0, one rank
     resumed = _run(tmp_path, "e", 2, resume_from=single / "checkpoints" / "step-00000004")
     _assert_same_losses(single, resumed)
     _assert_same_adapter(single, resumed, exact=False)
@@ -96,6 +108,7 @@ def test_llama_from_a_local_directory_in_bf16_on_two_ranks(tmp_path):
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert all("lora_" in n for n in tensors)  # causal LM: no head
     assert checkpoint.verify(ckpt)["base"]["dtype"] == "bfloat16"
+    assert_accounting_matches(run)  # bf16 partitions, bf16 working copies, fp32 masters
     assert all(torch.isfinite(torch.tensor(v)) for v in train_losses(run).values())
 
 

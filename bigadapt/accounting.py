@@ -1,0 +1,236 @@
+"""Memory and storage accounting: a pure function of (model shape, method, parallel layout, batch shape).
+
+The model is built on the meta device (no weights: GPT-3 175B takes about a second), the method injected,
+and every tensor counted exactly. Per-rank bytes follow what DeepSpeed allocates, buffer by buffer
+(see `measure_model_states` in zero.py for the measured twin; the two are compared in every run):
+
+ZeRO-3, W ranks, part(n) = ceil(n / W), F frozen and T trainable tensors:
+  base_partition      sum_F part(n) * base bytes
+  persistent_copies   tensors with n <= stage3_param_persistence_threshold stay whole after first use: n * bytes
+  trainable_working   sum_T part(n) * working bytes (the base dtype under DeepSpeed mixed precision, else fp32)
+  fp32_masters        sum_T part(n) * 4 (a copy even when the working copy is fp32, as measured on CPU)
+  gradients           the grad-partition buffer, sum_T part(n) * working bytes
+  optimizer_step      transient, not a model state: the fp32 grad of the largest optimizer sub-group
+                      (largest sub-group's partitions * 4), alive only inside the optimizer step
+  optimizer_states    AdamW: 2 * sum_T part(n) * 4
+  reduce_bucket       reduce_bucket_size * working bytes (bigadapt caps it at the trainable count)
+Stage 0: everything whole; moments for trainable tensors only; their gradients exist only between
+backward and step (transient) unless mixed precision keeps fp32 accumulation buffers.
+Activations are an analytic upper bound (Korthikanti et al. 2022) and framework overhead an explicit constant.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from . import methods, targets
+from .model import build_meta
+
+GIB = 2**30
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# CUDA context, cuBLAS/NCCL workspaces and allocator slack per GPU; the torch+DeepSpeed process on CPU
+FRAMEWORK_OVERHEAD = {"gpu": int(2.0 * GIB), "cpu": int(0.45 * GIB)}
+DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements)
+DS_SUB_GROUP = 1_000_000_000  # DeepSpeed's default sub_group_size (elements)
+
+
+@dataclass
+class Layout:
+    world: int = 1
+    stage: int = 3
+    micro_batch: int = 1
+    seq_len: int = 2048
+    activation_checkpointing: bool = False
+    device: str = "gpu"
+
+
+def reduce_bucket_elements(trainable: int) -> int:
+    """DeepSpeed allocates its gradient-reduction bucket up front; a LoRA never fills 5e8 elements."""
+    return max(1, min(DS_REDUCE_BUCKET, trainable))
+
+
+@dataclass
+class Shape:
+    """What the accounting needs of a model: its tensors and sizes, no weights."""
+    tensors: list[tuple[str, int, bool, int]]  # (name, numel, trainable, ndim)
+    config: object  # the transformers config (dimensions for activations)
+    largest_block: int  # elements of the largest transformer block
+    total: int  # elements of the whole model
+
+
+def shapes(cfg) -> tuple[Shape, Shape]:
+    """(the run's method, full fine-tuning) from one meta-device build; raises ConfigError for bad targets."""
+    model = build_meta(cfg.model)
+    _, blocks = targets.layer_list(model)
+    largest = max((sum(p.numel() for p in blk.parameters()) for blk in blocks), default=0)
+    base = [(n, p.numel(), True, p.dim()) for n, p in model.named_parameters()]
+    full = Shape(base, model.config, largest, sum(n for _, n, _, _ in base))
+    methods.apply(model, cfg)
+    ts = [(n, p.numel(), p.requires_grad, p.dim()) for n, p in model.named_parameters()]
+    return Shape(ts, model.config, largest, sum(n for _, n, _, _ in ts)), full
+
+
+def model_states(ts: list[tuple[str, int, bool, int]], cfg, lay: Layout) -> tuple[dict, int]:
+    """Per-rank bytes of parameters, gradients and optimizer state at rest (see the module docstring),
+    and the transient bytes of the optimizer step."""
+    base_b = BYTES[cfg.model.dtype]
+    work_b = base_b  # DeepSpeed mixed precision casts trainable tensors to the base dtype; fp32 stays fp32
+    frozen = [n for _, n, t, _ in ts if not t]
+    train = [n for _, n, t, _ in ts if t]
+    if lay.stage == 0:
+        mixed = work_b != 4
+        return _total({
+            "base_partition": sum(frozen) * base_b, "persistent_copies": 0,
+            "trainable_working": sum(train) * work_b,
+            "fp32_masters": sum(train) * 4 if mixed else 0,
+            "gradients": sum(train) * 4 if mixed else 0,
+            "optimizer_states": 2 * 4 * sum(train), "reduce_bucket": 0}), 0 if mixed else sum(train) * work_b
+    part = [math.ceil(n / lay.world) for n in train]
+    thr = cfg.zero.param_persistence_threshold
+    return _total({
+        "base_partition": sum(math.ceil(n / lay.world) for n in frozen) * base_b,
+        "persistent_copies": sum(n * (work_b if t else base_b) for _, n, t, _ in ts if n <= thr),
+        "trainable_working": sum(part) * work_b,
+        "fp32_masters": sum(part) * 4,
+        "gradients": sum(part) * work_b,
+        "optimizer_states": 2 * 4 * sum(part),
+        "reduce_bucket": reduce_bucket_elements(sum(train)) * work_b,
+    }), _largest_sub_group(ts, lay.world) * 4
+
+
+def _largest_sub_group(ts, world: int) -> int:
+    """Elements of DeepSpeed's fp32 grad buffer: the largest optimizer sub-group's partitions.
+
+    Sub-groups split each AdamW group (engine.param_groups: matrices decay, biases and norms do not) once
+    their partitions add up to sub_group_size.
+    """
+    largest = 0
+    for decay in (True, False):
+        part = 0
+        for name, n, t, ndim in ts:
+            if t and (ndim >= 2 and not name.endswith(".bias")) == decay:
+                part += math.ceil(n / world)
+                if part >= DS_SUB_GROUP:
+                    largest, part = max(largest, part), 0
+        largest = max(largest, part)
+    return largest
+
+
+def _total(d: dict) -> dict:
+    d["model_states"] = sum(d.values())
+    return d
+
+
+def activations(shape: Shape, cfg, lay: Layout) -> dict:
+    """Activation bytes per rank for one micro-batch (an upper bound: a frozen layer needs less)."""
+    c = shape.config
+    h, L, a, V = c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.vocab_size
+    ffn = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * h
+    s, b = min(lay.seq_len, _context(c)), lay.micro_batch
+    act_b = BYTES[cfg.model.dtype]
+    # Korthikanti et al. 2022, eq. 1: per layer s*b*h*(34 + 5*a*s/h) bytes with 2-byte activations;
+    # 19 of the 34 are a 4h MLP, rescaled here to the real FFN width. The 5*a*s/h term is the stored
+    # softmax of eager attention; SDPA/flash kernels (transformers' default) recompute it instead.
+    fused = getattr(c, "_attn_implementation", "eager") in ("sdpa", "flash_attention_2", "flash_attention_3")
+    per_layer = s * b * h * (15 + 19 * ffn / (4 * h) + (0 if fused else 5 * a * s / h)) * act_b / 2
+    if lay.activation_checkpointing:  # keep each layer's input, recompute one layer at a time
+        layers = L * s * b * h * act_b + per_layer
+    else:
+        layers = L * per_layer
+    logits = s * b * V * (act_b + 8)  # the logits, their fp32 upcast in the loss, and its gradient
+    return {"activations": int(layers), "logits": int(logits)}
+
+
+def _context(c) -> int:
+    return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048
+
+
+def gather_buffers(shape: Shape, cfg, lay: Layout) -> int:
+    """ZeRO-3 working memory: the largest block gathered whole, plus the prefetch bucket, capped by
+    stage3_max_live_parameters and by the model itself."""
+    if lay.stage != 3:
+        return 0
+    live = min(cfg.zero.max_live_parameters, shape.largest_block + cfg.zero.prefetch_bucket_size, shape.total)
+    return live * BYTES[cfg.model.dtype]
+
+
+def per_rank(shape: Shape, cfg, lay: Layout) -> dict:
+    d, step = model_states(shape.tensors, cfg, lay)
+    d["optimizer_step"] = step
+    d["zero3_gather_buffers"] = gather_buffers(shape, cfg, lay)
+    d.update(activations(shape, cfg, lay))
+    d["framework_overhead"] = FRAMEWORK_OVERHEAD[lay.device]
+    d["total"] = sum(v for k, v in d.items() if k != "model_states")
+    return d
+
+
+def storage(ts, cfg, n_tasks: int = 100) -> dict:
+    train = sum(n for _, n, t, _ in ts if t)
+    total = sum(n for _, n, _, _ in ts)
+    merged = total * BYTES[cfg.model.dtype]
+    adapter = train * 4
+    return {"adapter_fp32": adapter, "adapter_fp16": train * 2, "resume_state": 2 * 4 * train,
+            "merged_model": merged, "n_tasks": n_tasks, "n_tasks_adapters": merged + n_tasks * train * 2,
+            "n_tasks_full_copies": n_tasks * merged}
+
+
+def fewest_ranks(shape: Shape, cfg, lay: Layout, budget: int, limit: int = 1 << 20) -> int | None:
+    """Smallest world size whose per-rank total fits the budget (ZeRO-3 only shrinks with more ranks)."""
+    def fits(w):
+        return per_rank(shape, cfg, Layout(w, lay.stage, lay.micro_batch, lay.seq_len,
+                                               lay.activation_checkpointing, lay.device))["total"] <= budget
+    if not fits(limit):
+        return None
+    lo, hi = 0, 1
+    while not fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def largest_micro_batch(shape: Shape, cfg, lay: Layout, budget: int, limit: int = 4096) -> int:
+    """Largest micro-batch that fits on this layout (0 if not even one sequence fits)."""
+    def fits(b):
+        return per_rank(shape, cfg, Layout(lay.world, lay.stage, b, lay.seq_len,
+                                               lay.activation_checkpointing, lay.device))["total"] <= budget
+    best = 0
+    b = 1
+    while b <= limit and fits(b):
+        best, b = b, b * 2
+    lo, hi = best, min(b, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def estimate(cfg, lay: Layout, gpu_memory: int | None = None, fit: bool = False) -> dict:
+    """Everything `bigadapt estimate` prints, for the run's method and for full fine-tuning beside it."""
+    out = {"layout": vars(lay).copy(), "persistence_threshold": cfg.zero.param_persistence_threshold}
+    for key, shape in zip(("method", "full_finetune"), shapes(cfg)):
+        train = sum(n for _, n, t, _ in shape.tensors if t)
+        entry = {"name": "full" if key == "full_finetune" else cfg.method.name, "params_total": shape.total,
+                 "trainable": train, "trainable_pct": 100 * train / shape.total,
+                 "per_rank": per_rank(shape, cfg, lay)}
+        if key == "method":
+            entry["storage"] = storage(shape.tensors, cfg)
+        if gpu_memory:
+            entry["fewest_ranks"] = fewest_ranks(shape, cfg, lay, gpu_memory)
+            if fit:
+                entry["largest_micro_batch"] = largest_micro_batch(shape, cfg, lay, gpu_memory)
+        out[key] = entry
+    out["ratio_total"] = out["method"]["per_rank"]["total"] / out["full_finetune"]["per_rank"]["total"]
+    out["ratio_model_states"] = (out["method"]["per_rank"]["model_states"]
+                                 / out["full_finetune"]["per_rank"]["model_states"])
+    return out
+
+
+def compare(predicted: dict, measured: dict) -> list[tuple[str, int, int, float]]:
+    """[(component, predicted bytes, measured bytes, relative error)] for the model-state components."""
+    rows = []
+    for key, meas in measured.items():
+        pred = predicted.get(key, 0)
+        rows.append((key, pred, meas, (pred - meas) / meas if meas else (0.0 if pred == 0 else math.inf)))
+    return rows

@@ -1,0 +1,104 @@
+"""`bigadapt estimate`: per-rank memory and storage before a run, for people (rich) and tools (--json)."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from rich.console import Console
+from rich.table import Table
+
+from . import accounting
+from .accounting import GIB, Layout
+from .config import load_config
+from .engine import zero_stage
+from .errors import ConfigError
+
+SIZE = re.compile(r"^\s*([\d.]+)\s*(GB|GIB|G|MB|MIB|M|TB|TIB|T)?\s*$", re.I)
+# GPU makers' "80GB" is ~80 GiB of memory (an H100 80GB reports 79.6 GiB): GB is read as GiB here
+UNITS = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mib": 2**20,
+         "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    m = SIZE.match(text)
+    if not m:
+        raise ConfigError(f"--gpu-memory={text!r}: write a size such as 80GB, 80GiB or 141GB")
+    return int(float(m.group(1)) * UNITS[(m.group(2) or "").lower()])
+
+
+def add_args(p) -> None:
+    p.add_argument("--config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory", help="per GPU, e.g. 80GB: adds 'fits?' and the fewest GPUs that fit")
+    p.add_argument("--micro-batch", type=int, help="default: train.micro_batch")
+    p.add_argument("--seq-len", type=int, help="default: data.seq_len")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--fit", action="store_true", help="also the largest micro-batch that fits")
+    p.add_argument("--json", action="store_true")
+
+
+def main(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    for key in ("nodes", "gpus_per_node", "micro_batch", "seq_len"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{key.replace('_', '-')}={value}: must be at least 1")
+    world = args.nodes * args.gpus_per_node
+    lay = Layout(world, zero_stage(cfg, world), args.micro_batch or cfg.train.micro_batch,
+                 args.seq_len or cfg.data.seq_len, args.activation_checkpointing)
+    budget = parse_size(args.gpu_memory) if args.gpu_memory else None
+    est = accounting.estimate(cfg, lay, budget, args.fit)
+    if args.json:
+        print(json.dumps(est, indent=1))
+    else:
+        report(est, args.gpus_per_node, budget)
+    return 0
+
+
+def _gib(b: int) -> str:
+    return f"{b / GIB:,.2f}"
+
+
+def report(est: dict, gpus_per_node: int, budget: int | None) -> None:
+    con = Console()
+    m, f, lay = est["method"], est["full_finetune"], est["layout"]
+    con.print(f"[bold]{m['name']}[/]: {m['trainable']:,} trainable of {m['params_total']:,} "
+              f"({m['trainable_pct']:.4f}%); {lay['world']} ranks, ZeRO stage {lay['stage']}, "
+              f"micro-batch {lay['micro_batch']} x {lay['seq_len']} tokens"
+              f"{', activation checkpointing' if lay['activation_checkpointing'] else ''}")
+    t = Table(title="per-rank memory (GiB)")
+    for col in ("component", m["name"], "full fine-tuning"):
+        t.add_column(col, justify="right")
+    for key in m["per_rank"]:
+        t.add_row(key, _gib(m["per_rank"][key]), _gib(f["per_rank"][key]))
+    t.add_row("ratio (total)", f"{est['ratio_total']:.3f}", "1")
+    con.print(t)
+    s = m["storage"]
+    st = Table(title="storage")
+    st.add_column("what")
+    st.add_column("bytes", justify="right")
+    for key, what in (("adapter_fp32", "adapter checkpoint (fp32 masters)"),
+                      ("adapter_fp16", "adapter in fp16 (the paper's unit)"),
+                      ("resume_state", "resume state (Adam moments)"), ("merged_model", "merged model")):
+        st.add_row(what, f"{s[key]:,} ({s[key] / 1e6:,.1f} MB)")
+    st.add_row(f"{s['n_tasks']} tasks: base + adapters", f"{s['n_tasks_adapters'] / 1e9:,.1f} GB")
+    st.add_row(f"{s['n_tasks']} tasks: full copies", f"{s['n_tasks_full_copies'] / 1e12:,.2f} TB")
+    con.print(st)
+    if budget:
+        for entry in (m, f):
+            con.print(_fit_line(entry, lay, budget, gpus_per_node))
+
+
+def _fit_line(entry: dict, lay: dict, budget: int, gpus_per_node: int) -> str:
+    total = entry["per_rank"]["total"]
+    few = entry.get("fewest_ranks")
+    where = (f"fewest GPUs that fit: {few} ({math.ceil(few / gpus_per_node)} nodes of {gpus_per_node})"
+             if few else "does not fit on any number of GPUs at this batch shape (try activation checkpointing "
+                         "or a smaller micro-batch)")
+    verdict = ("fits" if total <= budget else
+               f"does NOT fit: {_gib(total)} GiB per GPU, over by {_gib(total - budget)} GiB")
+    mb = f"; largest micro-batch that fits: {entry['largest_micro_batch']}" if "largest_micro_batch" in entry else ""
+    return f"{entry['name']}: {verdict} on {lay['world']} x {_gib(budget)} GiB; {where}{mb}"
