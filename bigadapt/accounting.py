@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 from . import methods, targets
+from .errors import ConfigError
 from .model import build_meta
 
 GIB = 2**30
@@ -126,7 +127,8 @@ def activations(shape: Shape, cfg, lay: Layout) -> dict:
     c = shape.config
     h, L, a, V = c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.vocab_size
     ffn = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * h
-    s, b = min(lay.seq_len, _context(c)), lay.micro_batch
+    virtual = cfg.method.l_p + cfg.method.l_i  # prefix methods lengthen every sequence
+    s, b = min(lay.seq_len + virtual, _context(c)), lay.micro_batch
     act_b = BYTES[cfg.model.dtype]
     # Korthikanti et al. 2022, eq. 1: per layer s*b*h*(34 + 5*a*s/h) bytes with 2-byte activations;
     # 19 of the 34 are a 4h MLP, rescaled here to the real FFN width. The 5*a*s/h term is the stored
@@ -143,6 +145,16 @@ def activations(shape: Shape, cfg, lay: Layout) -> dict:
 
 def _context(c) -> int:
     return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048
+
+
+def check_positions(shape: Shape, cfg) -> None:
+    """Absolute-position models cannot take more tokens than they have positions (an index error later)."""
+    need = cfg.data.seq_len + cfg.method.l_p + cfg.method.l_i
+    have = _context(shape.config)
+    if need > have:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len}: with method.l_p + method.l_i = "
+                          f"{cfg.method.l_p + cfg.method.l_i} virtual tokens a sequence needs {need} positions, "
+                          f"the model has {have}; shorten data.seq_len or the prefix")
 
 
 def gather_buffers(shape: Shape, cfg, lay: Layout) -> int:

@@ -31,18 +31,19 @@ def memory_mb() -> float:
 def start_table(holdings: dict, trainable: list[tuple[str, str, int]], stage: int, accumulation: int) -> None:
     if zero.rank() != 0:
         return
-    total, n_train = holdings["base_numel_total"], holdings["trainable_numel_total"]
+    n_train = holdings["trainable_numel_total"]
+    total = holdings["base_numel_total"] + n_train  # "% of all parameters", defined for full fine-tuning too
     t = Table(title=f"bigadapt: ZeRO stage {stage}, {holdings['world_size']} rank(s), "
                     f"gradient accumulation {accumulation}")
     t.add_column("trainable")
     t.add_column("params", justify="right")
-    t.add_column("% of base", justify="right")
+    t.add_column("% of all", justify="right")
     t.add_column("dtype (working / master)")
     for kind, dtype, n in trainable:
         t.add_row(kind, f"{n:,}", f"{100 * n / max(total, 1):.4f}", dtype)
     t.add_row("total", f"{n_train:,}", f"{100 * n_train / max(total, 1):.4f}", "")
     console.print(t)
-    r = Table(title=f"what each rank holds (frozen base: {total:,} params)")
+    r = Table(title=f"what each rank holds (frozen base: {holdings['base_numel_total']:,} params)")
     for col in ("rank", "base params", "base MiB", "trainable params", "optimizer state MiB"):
         r.add_column(col, justify="right")
     for h in holdings["ranks"]:

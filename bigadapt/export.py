@@ -17,7 +17,7 @@ from . import checkpoint, methods, targets
 from . import model as base_model
 from .config import config_from_dict
 from .errors import CheckpointError
-from .methods.lora import lora_modules, merge, unwrap
+from .methods.lora import lora_modules
 
 PEFT_TASK = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 
@@ -88,12 +88,12 @@ def _full_B(m) -> torch.Tensor:
 
 
 def merged(path: str | Path, out: str | Path) -> int:
+    """The trained model as a plain Hugging Face directory; methods that cannot merge say why (one line)."""
     model, manifest, cfg = load_trained(path)
-    if cfg.method.name != "lora":
-        raise CheckpointError(f"{path}: merging covers LoRA; {cfg.method.name!r} adds computation that "
-                              f"cannot be folded into the base weights")
-    merge(model)
-    unwrap(model)
+    method = methods.get(cfg.method.name)
+    method.merge(model)
+    if hasattr(method, "unwrap"):
+        method.unwrap(model)
     model.requires_grad_(False)
     model.save_pretrained(out)
     print(f"wrote merged model {out} (step {manifest['step']}, base {manifest['base']['model_type']})")

@@ -48,6 +48,7 @@ def lr_at(step: int, cfg: RunConfig, total: int) -> float:
 def run(cfg: RunConfig, resume: str | None = None) -> int:
     # the meta-device copy finds bad targets before any process or file exists, and feeds the accounting
     shape, _ = accounting.shapes(cfg)
+    accounting.check_positions(shape, cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accumulation = check_world(cfg, world)
     layout = accounting.Layout(world, engine.zero_stage(cfg, world), cfg.train.micro_batch, cfg.data.seq_len,
@@ -177,7 +178,7 @@ class Loop:
         scale = self.world * self.eng.gradient_accumulation_steps() / n_terms
         loss_sum = 0.0
         for idx in self.sampler.rank_micro_batches(step, self.rank, self.world, self.cfg.train.micro_batch):
-            batch = self._to_device(collate([self.task.train[i] for i in idx], self.task.objective, self.pad))
+            batch = self._batch([self.task.train[i] for i in idx])
             labels = batch.pop("labels")
             loss = objectives.loss_sum(self.eng(**batch).logits, labels, self.task.objective)
             self.eng.backward(loss * scale)
@@ -202,7 +203,7 @@ class Loop:
         for i in range(0, per_rank, mb):
             idx = mine[i:i + mb]
             real = [j for j in idx if j >= 0]
-            batch = self._to_device(collate([ex[j if j >= 0 else 0] for j in idx], self.task.objective, self.pad))
+            batch = self._batch([ex[j if j >= 0 else 0] for j in idx])
             labels = batch.pop("labels")
             logits = self.eng(**batch).logits[:len(real)]  # padding slots come last
             if real:
@@ -220,7 +221,9 @@ class Loop:
         self._log(result)
         return result
 
-    def _to_device(self, batch: dict) -> dict:
+    def _batch(self, examples: list[dict]) -> dict:
+        batch = collate(examples, self.task.objective, self.pad)
+        batch.update(methods.extra_inputs(self.cfg, examples))
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _log(self, record: dict) -> None:
@@ -262,8 +265,9 @@ def _summary(path: Path, holdings: dict, final_eval: dict, outcome: str) -> None
     if zero.rank() != 0:
         return
     size = (path / "adapter.safetensors").stat().st_size
-    n, total = holdings["trainable_numel_total"], holdings["base_numel_total"]
+    n = holdings["trainable_numel_total"]
+    total = holdings["base_numel_total"] + n
     metric = f"accuracy {final_eval['accuracy']:.3f}, " if "accuracy" in final_eval else ""
     display.log(f"done ({outcome}): {metric}eval loss {final_eval['eval_loss']:.4f}")
     display.log(f"adapter: {path / 'adapter.safetensors'} ({size / 1024:.1f} KiB); trainable {n:,} params = "
-                f"{100 * n / max(total, 1):.3f}% of the {total:,}-param base")
+                f"{100 * n / max(total, 1):.3f}% of all {total:,}")

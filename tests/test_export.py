@@ -41,3 +41,22 @@ def test_merged_model_matches(trained_run, tmp_path):
     x = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(merged(**x).logits, ours(**x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_bitfit_merges_and_adapters_refuse_in_one_line(tmp_path):
+    from .conftest import tiny_config, write_config
+    for method, ok in (("bitfit", True), ("adapter_h", False)):
+        run_dir = tmp_path / method
+        cfg = write_config(tmp_path / f"{method}.yaml",
+                           tiny_config(run_dir, method={"name": method}, train={"max_steps": 2}))
+        check(run_cli("train", "--config", str(cfg)))
+        proc = run_cli("merge", str(run_dir), str(tmp_path / f"{method}-merged"))
+        if ok:
+            assert proc.returncode == 0, proc.stderr
+            ours, _, _ = load_trained(run_dir)
+            merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / f"{method}-merged").eval()
+            with torch.no_grad():
+                torch.testing.assert_close(merged(**_inputs()).logits, ours(**_inputs()).logits, rtol=1e-4,
+                                           atol=1e-5)
+        else:
+            assert proc.returncode == 2 and "cannot be merged" in proc.stderr and "Traceback" not in proc.stderr

@@ -14,7 +14,9 @@ from torch import nn
 from .. import targets as tg
 
 # paper name -> module in this package
-METHODS = {"lora": "lora"}
+METHODS = {"lora": "lora", "bitfit": "bitfit", "adapter_h": "adapter", "adapter_l": "adapter", "adapter_p": "adapter",
+           "adapter_d": "adapter", "full": "full", "ft_top_k": "full",
+           "pre_embed": "prefix", "pre_layer": "prefix", "lora+pe": "lora_prefix", "lora+pl": "lora_prefix"}
 
 
 def get(name: str):
@@ -25,6 +27,12 @@ def validate(mcfg) -> None:
     check = getattr(get(mcfg.name), "validate", None)
     if check:
         check(mcfg)
+
+
+def extra_inputs(cfg, examples: list[dict]) -> dict:
+    """Forward inputs a method adds for a batch (e.g. where a prefix method's infix goes); usually none."""
+    hook = getattr(get(cfg.method.name), "extra_inputs", None)
+    return hook(cfg.method, examples, cfg.model.objective) if hook else {}
 
 
 def apply(model: nn.Module, cfg) -> list[str]:
