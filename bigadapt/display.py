@@ -72,3 +72,12 @@ def accounting_table(rows: list[tuple[str, int, int, float]], predicted_total: i
     t.add_row("peak (all memory)", f"{predicted_total / 2**20:.1f}", f"{peak / 2**20:.1f}",
               f"{100 * (predicted_total - peak) / peak:+.1f}%")
     console.print(t)
+
+
+def estimate_line(predicted: dict) -> None:
+    """The memory predicted for this rank before anything is loaded (saved in estimate.json)."""
+    m = {k: v / 2**20 for k, v in predicted.items()}
+    log(f"predicted per rank: model states {m['model_states']:.1f} MiB (base partition {m['base_partition']:.1f}, "
+        f"trainable {m['trainable_working']:.2f}, fp32 masters {m['fp32_masters']:.2f}, optimizer "
+        f"{m['optimizer_states']:.2f}), activations {m['activations'] + m['logits']:.1f} MiB, "
+        f"total {m['total']:.0f} MiB incl. {m['framework_overhead']:.0f} MiB framework overhead")

@@ -79,6 +79,7 @@ def run(cfg: RunConfig, resume: str | None = None) -> int:
 
     holdings = zero.rank_holdings(eng.module, optimizer)
     display.start_table(holdings, _trainable_rows(eng.module, cfg), engine.zero_stage(cfg, world), accumulation)
+    display.estimate_line(predicted)
     if rank == 0:
         (run_dir / "layout.json").write_text(json.dumps(holdings, indent=1))
         _trim_metrics(run_dir / "metrics.jsonl", start)
