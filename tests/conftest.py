@@ -82,3 +82,16 @@ def trained_run(tmp_path_factory) -> Path:
     cfg = write_config(run_dir.parent / "cfg.yaml", tiny_config(run_dir, train={"save_every": 4, "keep_last": 3}))
     check(run_cli("train", "--config", str(cfg)))
     return run_dir
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The offline datasets (../shared/data). Absent on a developer laptop: skip, saying where we looked;
+    absent in CI: fail, since CI always has them beside the clone."""
+    from bigadapt.data import shared_data_dir
+    root = shared_data_dir()
+    if not root.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared data not found at {root} in CI", pytrace=False)
+        pytest.skip(f"shared data not found at {root} (set BIGADAPT_SHARED_DATA)")
+    return root
