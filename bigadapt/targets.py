@@ -37,8 +37,10 @@ _LLAMA = {
     "ffn_gate": (r"\.mlp\.gate_proj$", None), "ffn_in": (r"\.mlp\.up_proj$", None),
     "ffn_out": (r"\.mlp\.down_proj$", None),
 }
+_DEBERTA = dict(_BERT, q=(r"\.attention\.self\.query_proj$", None), k=(r"\.attention\.self\.key_proj$", None),
+                v=(r"\.attention\.self\.value_proj$", None))
 ARCHS: dict[str, dict] = {
-    "gpt2": _GPT2, "bert": _BERT, "roberta": _BERT, "opt": _OPT,
+    "gpt2": _GPT2, "bert": _BERT, "roberta": _BERT, "deberta-v2": _DEBERTA, "opt": _OPT,
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
 }
 FUSED_PARTS = {"gpt2": 3}  # c_attn = [q | k | v]

@@ -25,6 +25,10 @@ def lora_count(arch, targets_, r, objective="causal_lm"):
     return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
 
 
+DEBERTA_XXL = {"model_type": "deberta-v2", "num_hidden_layers": 48, "hidden_size": 1536, "num_attention_heads": 24,
+               "intermediate_size": 6144, "vocab_size": 128100}
+
+
 @pytest.mark.parametrize("arch,layers,d,r", [(GPT2_MEDIUM, 24, 1024, 4), (ROBERTA_BASE, 12, 768, 8),
                                              (OPT_350M, 24, 1024, 8), (LLAMA_7B, 32, 4096, 8)])
 def test_q_v_count_is_the_paper_formula(arch, layers, d, r):
@@ -34,6 +38,7 @@ def test_q_v_count_is_the_paper_formula(arch, layers, d, r):
 def test_roberta_base_and_gpt2_medium_paper_values():
     assert lora_count(ROBERTA_BASE, ["q", "v"], 8, "seq_cls") == 294_912  # paper Table 2: 0.3M
     assert lora_count(GPT2_MEDIUM, ["q", "v"], 4) == 393_216  # lora-paper.md section 8
+    assert lora_count(DEBERTA_XXL, ["q", "v"], 16, "seq_cls") == 4_718_592  # Table 2: 4.7M (released script r=16)
 
 
 def test_all_four_attention_matrices_and_ffn():
@@ -75,3 +80,9 @@ def test_task_head_is_trainable_for_classification():
     assert targets.head_prefixes(model) == ["classifier"]
     assert any(n.startswith("classifier.") for n in names)
     assert all("lora_" in n or n.startswith("classifier.") for n in names)
+
+
+def test_an_objective_the_architecture_lacks_is_one_line():
+    cfg = config_from_dict({"model": {"arch": DEBERTA_XXL, "objective": "causal_lm"}})
+    with pytest.raises(ConfigError, match="model.objective=causal_lm: deberta-v2 has no causal_lm head"):
+        build_meta(cfg.model)
