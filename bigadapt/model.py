@@ -6,6 +6,7 @@ holds the whole base. A meta-device build (no weights) serves validation and acc
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -95,8 +96,20 @@ def build_meta(mcfg) -> nn.Module:
     network, so estimates work on a laptop; loading the weights for training still uses name_or_path.
     """
     config = hf_config(dataclasses.replace(mcfg, name_or_path=None) if mcfg.arch else mcfg)
-    with torch.device("meta"):
+    with torch.device("meta"), _objective_errors(mcfg, config):
         return _auto_class(mcfg.objective).from_config(config, dtype=DTYPES[mcfg.dtype])
+
+
+@contextlib.contextmanager
+def _objective_errors(mcfg, config):
+    """transformers says 'Unrecognized configuration class' when an architecture lacks the objective's head."""
+    try:
+        yield
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        raise ConfigError(f"model.objective={mcfg.objective}: {config.model_type} has no {mcfg.objective} head; "
+                          f"choose the other objective") from None
 
 
 def pad_id(model: nn.Module) -> int:
