@@ -20,6 +20,9 @@ Activations are an analytic upper bound (Korthikanti et al. 2022) and framework 
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import math
 from dataclasses import dataclass
 
@@ -78,10 +81,14 @@ def model_states(ts: list[tuple[str, int, bool, int]], cfg, lay: Layout) -> tupl
     work_b = base_b  # DeepSpeed mixed precision casts trainable tensors to the base dtype; fp32 stays fp32
     frozen = [n for _, n, t, _ in ts if not t]
     train = [n for _, n, t, _ in ts if t]
+    if cfg.model.quantization != "none":
+        base_bytes = quantized_base_bytes(ts, cfg, lay.world if lay.stage == 3 else 1)
+    else:
+        base_bytes = sum(frozen) * base_b if lay.stage == 0 else sum(math.ceil(n / lay.world) for n in frozen) * base_b
     if lay.stage == 0:
         mixed = work_b != 4
         return _total({
-            "base_partition": sum(frozen) * base_b, "persistent_copies": 0,
+            "base_partition": base_bytes, "persistent_copies": 0,
             "trainable_working": sum(train) * work_b,
             "fp32_masters": sum(train) * 4 if mixed else 0,
             "gradients": sum(train) * 4 if mixed else 0,
@@ -89,7 +96,7 @@ def model_states(ts: list[tuple[str, int, bool, int]], cfg, lay: Layout) -> tupl
     part = [math.ceil(n / lay.world) for n in train]
     thr = cfg.zero.param_persistence_threshold
     return _total({
-        "base_partition": sum(math.ceil(n / lay.world) for n in frozen) * base_b,
+        "base_partition": base_bytes,
         "persistent_copies": sum(n * (work_b if t else base_b) for _, n, t, _ in ts if n <= thr),
         "trainable_working": sum(part) * work_b,
         "fp32_masters": sum(part) * 4,
@@ -97,6 +104,50 @@ def model_states(ts: list[tuple[str, int, bool, int]], cfg, lay: Layout) -> tupl
         "optimizer_states": 2 * 4 * sum(part),
         "reduce_bucket": reduce_bucket_elements(sum(train)) * work_b,
     }), _largest_sub_group(ts, lay.world) * 4
+
+
+def quantized_bytes(numel: int, quantization: str, rows: int) -> tuple[int, int]:
+    """(packed codes, quant state) bytes bitsandbytes keeps for one weight of `numel` elements, `rows` outputs.
+
+    nf4/fp4 with double quantization (what model.bnb_config asks for): two codes per byte; per 64-element
+    block an absmax quantized to one byte; per 256 blocks an fp32 absmax of those; a 16-entry fp32 code
+    book, the 256-entry fp32 nested code book and an fp32 offset. int8: one byte per element and an fp32
+    scale per output row. The codes are the parameter ZeRO-3 partitions; the state rides on it, whole.
+    """
+    if quantization == "int8":
+        return numel, 4 * rows
+    blocks = math.ceil(numel / 64)
+    return math.ceil(numel / 2), blocks + 4 * math.ceil(blocks / 256) + 4 * (16 + 256 + 1)
+
+
+def quantized_base_bytes(ts, cfg, world: int) -> int:
+    """Per-rank bytes of the frozen base when model.quantization is set: quantized layers by
+    `quantized_bytes` (codes split over `world`), everything else (embeddings, norms, head) in the base dtype."""
+    rows = _quantized_rows(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True))
+    total = 0
+    for name, n, t, _ in ts:
+        if t:
+            continue
+        module = name.replace(".base_layer", "").removesuffix(".weight")
+        if name.endswith(".weight") and module in rows:
+            codes, state = quantized_bytes(n, cfg.model.quantization, rows[module])
+            total += math.ceil(codes / world) + state
+        else:
+            total += math.ceil(n / world) * BYTES[cfg.model.dtype]
+    return total
+
+
+@functools.lru_cache(maxsize=8)
+def _quantized_rows(model_json: str) -> dict[str, int]:
+    """{module name: output rows} of the layers bitsandbytes quantizes (one meta build per model config)."""
+    from .config import ModelConfig
+    from .model import quantized_modules
+    model = build_meta(ModelConfig(**json.loads(model_json)))
+    out = {}
+    for name in quantized_modules(model):
+        m = model.get_submodule(name)
+        out[name] = getattr(m, "out_features", None) or m.nf  # nn.Linear, or GPT-2 Conv1D
+    return out
 
 
 def _largest_sub_group(ts, world: int) -> int:

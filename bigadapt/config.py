@@ -19,6 +19,7 @@ from .errors import ConfigError
 
 DTYPES = ("fp32", "bf16", "fp16")
 OBJECTIVES = ("causal_lm", "seq_cls")
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")  # bitsandbytes base for method qlora
 
 
 @dataclass
@@ -29,6 +30,7 @@ class ModelConfig:
     num_labels: int = 2  # seq_cls only; 1 = regression
     dtype: str = "fp32"  # frozen base dtype: fp32 | bf16 | fp16
     trust_remote_code: bool = False
+    quantization: str = "none"  # none | nf4 | fp4 | int8: a bitsandbytes-quantized frozen base (method qlora)
 
 
 @dataclass
@@ -54,6 +56,8 @@ class DataConfig:
     seq_len: int = 32
     num_train: int = 4096  # synthetic tasks: examples generated
     num_eval: int = 512
+    fraction: float = 1.0  # file tasks: deterministic, nested subset of the training split (0.1 ⊂ 0.3 ⊂ 1.0)
+    max_examples: int = 0  # file tasks: at most this many training examples (MNLI-n style); 0 = all
 
 
 @dataclass
@@ -238,8 +242,13 @@ def validate(cfg: RunConfig) -> None:
     for key in ("l_p", "l_i", "top_k", "adapter_drop"):
         _check(getattr(me, key) >= 0, f"method.{key}", getattr(me, key), "must be >= 0")
     methods.validate(me)
+    _check(m.quantization in QUANTIZATIONS, "model.quantization", m.quantization,
+           f"use one of {', '.join(QUANTIZATIONS)}")
+    methods.get("qlora").check_config(cfg)  # quantization <-> method qlora, compute dtype
     _check(d.task in TASKS, "data.task", d.task, f"unknown task; choose one of {', '.join(sorted(TASKS))}")
     _check(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
+    _check(0 < d.fraction <= 1, "data.fraction", d.fraction, "a fraction of the training split in (0, 1]")
+    _check(d.max_examples >= 0, "data.max_examples", d.max_examples, "must be >= 0 (0 = all examples)")
     _check(t.micro_batch > 0, "train.micro_batch", t.micro_batch, "must be a positive integer")
     _check(t.batch_size > 0, "train.batch_size", t.batch_size, "must be a positive integer")
     _check(t.batch_size % t.micro_batch == 0, "train.batch_size", t.batch_size,

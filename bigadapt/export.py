@@ -47,8 +47,8 @@ def load_trained(path: str | Path):
 
 def to_peft(path: str | Path, out: str | Path) -> int:
     model, manifest, cfg = load_trained(path)
-    if cfg.method.name != "lora":
-        raise CheckpointError(f"{path}: PEFT export covers LoRA; this run used {cfg.method.name!r}")
+    if cfg.method.name not in ("lora", "qlora"):
+        raise CheckpointError(f"{path}: PEFT export covers LoRA and QLoRA; this run used {cfg.method.name!r}")
     tensors, rank_pattern, alpha_pattern, fan_in_fan_out = {}, {}, {}, False
     for name, m in lora_modules(model):
         rank = m.lora_A.shape[0]

@@ -12,6 +12,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from . import zero
 from .errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,6 +59,8 @@ def build_base(mcfg, seed: int) -> nn.Module:
     config = hf_config(mcfg)
     auto = _auto_class(mcfg.objective)
     dtype = DTYPES[mcfg.dtype]
+    if mcfg.quantization != "none":
+        return _build_quantized(mcfg, config, auto, dtype, seed)
     if mcfg.name_or_path:
         model = auto.from_pretrained(mcfg.name_or_path, config=config, dtype=dtype,
                                      trust_remote_code=mcfg.trust_remote_code)
@@ -69,12 +72,81 @@ def build_base(mcfg, seed: int) -> nn.Module:
     return model
 
 
+# ---------------------------------------------------------------- bitsandbytes-quantized base (QLoRA)
+def bnb_config(mcfg):
+    """The BitsAndBytesConfig for model.quantization. The 4-bit compute dtype is the base dtype, and the
+    packed weights are stored in that dtype too (`bnb_4bit_quant_storage`): peft's recipe for ZeRO-3, and
+    it keeps DeepSpeed's `module.bfloat16()` from casting packed bytes as if they were numbers."""
+    from transformers import BitsAndBytesConfig
+    if mcfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = DTYPES[mcfg.dtype]
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mcfg.quantization,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,
+                              bnb_4bit_use_double_quant=True)
+
+
+def _build_quantized(mcfg, config, auto, dtype: torch.dtype, seed: int) -> nn.Module:
+    """from_pretrained with a BitsAndBytesConfig; a config-built base is first built in full precision with
+    the usual deterministic `random_init`, saved to a temporary directory and read back quantized. The
+    round trip reuses transformers' own choice of which layers to quantize (not the head, not tied
+    weights), so a random base and the same base saved by the user quantize identically. It needs the
+    full-precision base once in memory and on disk: random bases are for tests and tiny experiments."""
+    import tempfile
+
+    from . import targets
+    kwargs = dict(config=config, dtype=dtype, quantization_config=bnb_config(mcfg),
+                  trust_remote_code=mcfg.trust_remote_code)
+    if mcfg.name_or_path:
+        model = auto.from_pretrained(mcfg.name_or_path, **kwargs)
+        random_init(model, seed, targets.head_prefixes(model))
+    else:
+        with tempfile.TemporaryDirectory(prefix="bigadapt-qbase-") as tmp:
+            with zero.loading_paused():  # every rank builds the same deterministic base whole, into its own directory
+                full = auto.from_config(config, dtype=dtype, trust_remote_code=mcfg.trust_remote_code)
+                random_init(full, seed, None)
+                _save_whole(full, tmp)
+                del full
+            model = auto.from_pretrained(tmp, **kwargs)  # under ZeRO-3 a collective that partitions while reading
+    no_cpu_repack(model)
+    model.train()
+    return model
+
+
+def _save_whole(model: nn.Module, directory: str) -> None:
+    """What from_pretrained reads, written by this rank (save_pretrained writes on rank 0 only)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_model
+    model.config.save_pretrained(directory)
+    save_model(model, str(Path(directory) / "model.safetensors"), metadata={"format": "pt"})  # tied: stored once
+
+
+def no_cpu_repack(model: nn.Module) -> None:
+    """bitsandbytes on an avx512_bf16 CPU repacks a Linear4bit's weight for inference, permanently, on its
+    first eval-mode no-grad forward (an evaluation); every later training forward then fails. The repack
+    also changes the stored bytes the base fingerprint hashes. Switch it off on every 4-bit layer."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+
+
+def quantized_modules(model: nn.Module) -> list[str]:
+    """Names of the Linear/Conv1D modules transformers' bitsandbytes quantizer would convert in this
+    (meta or real) unquantized model: all but the output head, tied weights and fp32-pinned modules."""
+    from transformers.quantizers.base import HfQuantizer
+
+    from .targets import _conv1d
+    skip = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, _conv1d()))
+            and not any(n == k or n.endswith("." + k) or n.startswith(k + ".") for k in skip)]
+
+
 def random_init(model: nn.Module, seed: int, prefixes: list[str] | None, std: float = 0.02) -> None:
     """*Collective.* BERT/GPT-style init (normal(0, std) matrices and embeddings, zero biases, unit norms),
     each tensor from its own generator seeded by (seed, name): independent of construction order."""
     import zlib
 
-    from . import zero
     for name, p in model.named_parameters():
         if prefixes is not None and not any(name.startswith(x + ".") for x in prefixes):
             continue

@@ -71,6 +71,20 @@ def unregister() -> None:
 
 
 @contextlib.contextmanager
+def loading_paused():
+    """Build outside zero.Init for a moment (e.g. a model that must be saved whole), then re-register."""
+    held = _hf_ds_config
+    if held is None:
+        yield
+        return
+    unregister()
+    try:
+        yield
+    finally:
+        register_for_loading(held.config)
+
+
+@contextlib.contextmanager
 def gathered(params, modify: bool = False):
     """*Collective.* Make exactly these params whole for the block; yields whether this rank may write them.
 

@@ -16,7 +16,8 @@ from .. import targets as tg
 # paper name -> module in this package
 METHODS = {"lora": "lora", "bitfit": "bitfit", "adapter_h": "adapter", "adapter_l": "adapter", "adapter_p": "adapter",
            "adapter_d": "adapter", "full": "full", "ft_top_k": "full",
-           "pre_embed": "prefix", "pre_layer": "prefix", "lora+pe": "lora_prefix", "lora+pl": "lora_prefix"}
+           "pre_embed": "prefix", "pre_layer": "prefix", "lora+pe": "lora_prefix", "lora+pl": "lora_prefix",
+           "qlora": "qlora"}
 
 
 def get(name: str):
