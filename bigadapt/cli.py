@@ -43,17 +43,35 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="write a Hugging Face model with the adapter merged into the base")
     m.add_argument("run", help="run directory or checkpoint directory")
     m.add_argument("out")
+    ev = sub.add_parser("eval", help="the task's metric on a trained run; writes RUN/eval-<split>.json")
+    ev.add_argument("run", help="run directory or checkpoint directory")
+    ev.add_argument("--split", default="dev", help="dev (E2E: valid) | test | train")
+    ev.add_argument("--limit", type=int, default=0, help="score only the first N examples (sources); 0 = all")
+    ev.add_argument("--beams", type=int, default=10, help="beam size (generation tasks; Table 11: 10)")
+    ev.add_argument("--length-penalty", type=float, default=0.9, help="Table 11: 0.9 (E2E), 0.8 (WebNLG/DART)")
+    ev.add_argument("--no-repeat-ngram-size", type=int, default=4)
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--batch-size", type=int, default=1, help="prompts per generate call")
+    rs = sub.add_parser("results", help="a Markdown table of the eval-*.json files of runs")
+    rs.add_argument("runs", nargs="+")
     from .estimate_cli import add_args as _estimate_args
     _estimate_args(sub.add_parser("estimate", help="per-rank memory and storage before a run (meta device)"))
     _submit_args(sub.add_parser("submit", help="submit a run to SLURM (job array for --sweep)"))
     st = sub.add_parser("status", help="job state and progress of a run directory")
     st.add_argument("run")
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    b.add_argument("what", choices=["peft"], help="peft: LoRA training step vs huggingface/peft + DeepSpeed")
+    b.add_argument("what", choices=["peft", "latency", "throughput"],
+                   help="peft: LoRA training step vs huggingface/peft + DeepSpeed; latency: Table 1 forward latency; "
+                        "throughput: LoRA vs full FT step time (options: python -m bigadapt.bench.latency -h)")
     b.add_argument("--ranks", type=int, default=2)
     b.add_argument("--rounds", type=int, default=2, help="alternating launches per side")
     b.add_argument("--json", help="also write the numbers to this file")
     b.epilog = "Other flags go to each side, e.g. --arch llama-small --steps 40 --stage 3."
+    a = sub.add_parser("analyze", help="LoRA paper §7 analyses of trained LoRA runs")
+    a.add_argument("what", choices=["subspace", "amplification"],
+                   help="subspace RUN_A RUN_B: φ grids (eq. 4); amplification RUN: Table 7")
+    a.add_argument("runs", nargs="+", metavar="RUN", help="run or checkpoint directories")
+    a.add_argument("--png", help="subspace: write the φ heat map here")
     return p
 
 
@@ -82,6 +100,27 @@ def _dispatch(args) -> int:
     if args.command in ("submit", "status"):
         from . import jobs
         return jobs.submit(args) if args.command == "submit" else jobs.status(args.run)
+    if args.command in ("eval", "results"):
+        from . import evaluate
+        if args.command == "results":
+            print(evaluate.results_table(args.runs))
+            return 0
+        settings = evaluate.GenerationSettings(args.beams, args.length_penalty, args.no_repeat_ngram_size,
+                                               args.max_new_tokens, args.batch_size)
+        result = evaluate.evaluate_run(args.run, args.split, args.limit, settings)
+        print(" ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()), f"(n={result['n']}, {args.split})")
+        return 0
+    if args.command == "bench" and args.what != "peft":
+        from .bench import latency, throughput
+        bench = latency if args.what == "latency" else throughput
+        result = bench.main(args.rest)
+        if args.json:
+            import json
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
+    if args.command == "analyze":
+        return _analyze(args)
     if args.command == "bench":
         import json
 
@@ -96,6 +135,15 @@ def _dispatch(args) -> int:
     if args.command == "export":
         return export.to_peft(args.run, args.out)
     return export.merged(args.run, args.out)
+
+
+def _analyze(args) -> int:
+    from .analysis import amplification, subspace
+    want = 2 if args.what == "subspace" else 1
+    if len(args.runs) != want:
+        raise BigadaptError(f"analyze {args.what}: expects {want} run director{'ies' if want > 1 else 'y'}, "
+                            f"got {len(args.runs)}")
+    return subspace.report(*args.runs, png=args.png) if want == 2 else amplification.report(args.runs[0])
 
 
 def entry() -> None:

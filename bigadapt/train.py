@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, accounting, checkpoint, display, engine, methods, objectives, targets, zero
+from . import __version__, accounting, checkpoint, display, engine, evaluate, methods, objectives, targets, zero
 from . import model as base_model
 from .config import RunConfig, check_world, dump_config
 from .data import build_task
@@ -200,6 +200,7 @@ class Loop:
         mine = list(range(self.rank, len(ex), self.world))
         mine += [-1] * (per_rank - len(mine))  # padding slots: run, but count nothing
         sums = [0.0, 0.0, 0.0, 0.0]  # loss, terms, correct, predictions
+        outputs = []  # (prediction, label) pairs for the task metric
         mb = self.cfg.train.micro_batch
         for i in range(0, per_rank, mb):
             idx = mine[i:i + mb]
@@ -214,11 +215,13 @@ class Loop:
                 c, n = objectives.correct(logits, labels, self.task.objective)
                 sums[2] += c
                 sums[3] += n
+                outputs += evaluate.predictions(logits, labels, self.task.objective)
         loss, terms, right, n = zero.all_reduce_sum(sums)
         self.eng.train()
         result = {"step": step, "split": "eval", "eval_loss": loss / max(terms, 1)}
         if n:
             result["accuracy"] = right / n
+        result.update(evaluate.task_metrics(self.cfg.data.task, outputs))  # collective for GLUE tasks
         self._log(result)
         return result
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .synthetic import synthetic_cls, synthetic_lm
+from .tasks import TASK_BUILDERS
 
 
 @dataclass
@@ -25,6 +26,7 @@ class TaskData:
 TASKS: dict[str, Callable] = {
     "synthetic_cls": synthetic_cls,
     "synthetic_lm": synthetic_lm,
+    **TASK_BUILDERS,  # glue/<task>, e2e and the hub NLG tasks (bigadapt/data/tasks.py)
 }
 
 

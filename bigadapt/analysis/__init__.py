@@ -1,0 +1,1 @@
+"""Post-training analysis of LoRA updates (LoRA paper §7): subspace similarity φ and amplification factor."""

@@ -1,0 +1,124 @@
+"""`bigadapt bench latency`: forward latency of base vs LoRA (merged, unmerged) vs AdapterL/AdapterH (Table 1).
+
+One process, plain torch (no DeepSpeed: inference only), random weights. The shape is GPT-2 medium
+(24 layers, d = 1024, 16 heads, vocab 50257) shrunk by `--layers`/`--scale`; the vocabulary shrinks with
+d·L so the LM head keeps medium's share of the FLOPs (V/(12·d·L) ≈ 0.17). Every trial runs each variant
+once, in a rotated order, so machine drift and cache effects hit all variants alike; the median over trials
+is reported, with the % overhead vs the base measured in the same trials.
+
+Variants: `base` (no method), `lora_merged` (ΔW added into W; the wrapper's forward is then one branch),
+`lora` (unmerged: two extra thin matmuls per adapted projection), `adapter_l`, `adapter_h` (bottleneck r).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from .. import methods
+from ..config import config_from_dict
+from ..model import build_base
+
+MEDIUM = {"n_layer": 24, "n_embd": 1024, "n_head": 16, "vocab_size": 50257}
+TABLE1 = [(32, 512), (16, 256), (1, 128)]
+FIG5 = [(b, s) for b in (1, 2, 4, 8, 16, 32) for s in (128, 256, 512)]
+VARIANTS = ("base", "lora_merged", "lora", "adapter_l", "adapter_h")
+
+
+def arch(layers: int, scale: float, seq: int, act: str = "gelu_new") -> dict:
+    d = int(MEDIUM["n_embd"] * scale)
+    heads = max(1, int(MEDIUM["n_head"] * scale))
+    vocab = max(256, round(MEDIUM["vocab_size"] * d * layers / (MEDIUM["n_embd"] * MEDIUM["n_layer"])))
+    return {"model_type": "gpt2", "n_layer": layers, "n_embd": d, "n_head": heads, "vocab_size": vocab,
+            "n_positions": max(1024, seq), "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+            "bos_token_id": 0, "eos_token_id": 0, "activation_function": act}
+
+
+def build_variants(a: dict, lora_r: int, adapter_r: int, dtype: str) -> dict[str, torch.nn.Module]:
+    """Five copies of one random base; each method's trained-looking state is random (B != 0, W_up != 0)
+    so no kernel can shortcut a zero tensor."""
+    model_cfg = {"arch": a, "objective": "causal_lm", "dtype": dtype}
+    base = build_base(config_from_dict({"model": model_cfg}).model, 0)
+    # every variant, base included, is a deep copy: the same allocation history, so no variant gets luckier
+    # memory placement (the original base ran 3-7% slower than its copies here)
+    out = {"base": copy.deepcopy(base)}
+    for name, method in (("lora", {"name": "lora", "r": lora_r, "alpha": 2 * lora_r, "targets": ["q", "v"]}),
+                         ("adapter_l", {"name": "adapter_l", "r": adapter_r}),
+                         ("adapter_h", {"name": "adapter_h", "r": adapter_r})):
+        m = copy.deepcopy(base)
+        methods.apply(m, config_from_dict({"model": model_cfg, "method": method}))
+        for p in m.parameters():
+            if p.requires_grad and p.ndim == 2:
+                torch.nn.init.normal_(p, std=0.02)
+        out[name] = m.to(base.dtype)
+    merged = copy.deepcopy(out["lora"])
+    methods.get("lora").merge(merged)
+    out["lora_merged"] = merged
+    return {k: out[k].eval().requires_grad_(False) for k in VARIANTS}
+
+
+def time_cell(models: dict, batch: int, seq: int, vocab: int, trials: int, warmup: int, device) -> dict[str, float]:
+    """Median forward time (s) per variant; trial t runs the variants rotated by t."""
+    x = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(batch * seq)).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    names = list(models)
+    with torch.inference_mode():
+        for t in range(warmup + trials):
+            for k in names[t % len(names):] + names[:t % len(names)]:
+                sync()
+                t0 = time.perf_counter()
+                models[k](input_ids=x)
+                sync()
+                if t >= warmup:
+                    times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def parse_cells(spec: str) -> list[tuple[int, int]]:
+    if spec in ("table1", "fig5"):
+        return TABLE1 if spec == "table1" else FIG5
+    return [tuple(int(v) for v in c.split("x")) for c in spec.split(",")]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="bigadapt bench latency", description=__doc__.splitlines()[0])
+    gpu = torch.cuda.is_available()
+    p.add_argument("--layers", type=int, default=24 if gpu else 4, help="GPT-2 medium has 24")
+    p.add_argument("--scale", type=float, default=1.0 if gpu else 0.25, help="d_model = 1024 * scale")
+    # 32 x 512 alone takes ~10 min on 2 shared CPU cores (5 variants x 33 forwards), so the CPU default drops it
+    p.add_argument("--cells", default="table1" if gpu else "16x256,4x128,1x128",
+                   help="table1 (32x512,16x256,1x128) | fig5 (batch 1..32 x seq 128..512) | BxS,BxS,...")
+    p.add_argument("--trials", type=int, default=100 if gpu else 30)
+    p.add_argument("--warmup", type=int, default=10 if gpu else 3)
+    p.add_argument("--lora-r", type=int, default=4)
+    p.add_argument("--adapter-r", type=int, default=None, help="bottleneck; default d_model/16 (64 at d=1024)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16" if gpu else "fp32")
+    # one thread on CPU: on a shared host, OpenMP threads spinning against other jobs make timings 5-10x noisier
+    p.add_argument("--threads", type=int, default=None if gpu else 1, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cells = parse_cells(args.cells)
+    a = arch(args.layers, args.scale, max(s for _, s in cells))
+    adapter_r = args.adapter_r or max(1, a["n_embd"] // 16)
+    device = torch.device("cuda" if gpu else "cpu")
+    models = {k: m.to(device) for k, m in build_variants(a, args.lora_r, adapter_r, args.dtype).items()}
+    print(f"shape: GPT-2, {a['n_layer']} layers, d={a['n_embd']}, {a['n_head']} heads, vocab {a['vocab_size']}, "
+          f"{args.dtype} on {device} ({torch.get_num_threads()} threads); LoRA r={args.lora_r} on q,v; "
+          f"adapter r={adapter_r}; median of {args.trials} trials after {args.warmup} warm-up, variants interleaved")
+    print(f"{'batch x seq':>12s} {'base ms':>9s} " + " ".join(f"{k:>12s}" for k in VARIANTS[1:]))
+    result = {"arch": a, "args": vars(args), "cells": []}
+    for batch, seq in cells:
+        med = time_cell(models, batch, seq, a["vocab_size"], args.trials, args.warmup, device)
+        over = {k: 100 * (med[k] / med["base"] - 1) for k in VARIANTS[1:]}
+        print(f"{f'{batch} x {seq}':>12s} {1e3 * med['base']:9.2f} " + " ".join(f"{v:+11.1f}%" for v in over.values()))
+        result["cells"].append({"batch": batch, "seq": seq, "median_s": med, "overhead_pct": over})
+    return result
+
+
+if __name__ == "__main__":
+    main()

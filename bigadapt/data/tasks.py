@@ -1,0 +1,224 @@
+"""The paper's tasks as data modules: GLUE (RoBERTa/DeBERTa) and the NLG tasks (GPT-2, GPT-3).
+
+Local files are read with the existing parsers (`glue.load_glue`, `e2e.load_e2e`); hub names go through
+`datasets.load_dataset`, guarded so that offline the user gets one line asking for `data.path`.
+
+GLUE examples are `{"input_ids", "label"}` (a float for STS-B). Generation tasks are causal LM examples:
+prompt = source + SEPARATOR, target = " " + reference + eos, `loss_from` = prompt length, one example per
+reference (as microsoft/LoRA trains E2E). `data.fraction` / `data.max_examples` pick a deterministic,
+nested subset of the training split (the first k of one seeded permutation).
+
+The parsers import `bigadapt.data`, so they are imported here lazily (this module is imported by it).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bigadapt.errors import ConfigError, DataError
+
+from .tokenizer import load_tokenizer
+
+SEPARATOR = " ||"  # between source and target; the E2E files' own MR/reference delimiter
+GLUE_NAMES = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")
+# HF `glue` column names and validation split, for online users without local TSVs
+_HF_GLUE = {
+    "cola": ("sentence", None), "sst2": ("sentence", None), "mrpc": ("sentence1", "sentence2"),
+    "qqp": ("question1", "question2"), "stsb": ("sentence1", "sentence2"), "mnli": ("premise", "hypothesis"),
+    "qnli": ("question", "sentence"), "rte": ("sentence1", "sentence2"),
+}
+_HF_SPLITS = {"train": "train", "dev": "validation", "valid": "validation", "test": "test",
+              "dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"}
+
+Pairs = list[tuple[str, list[str]]]  # (source, all its references)
+
+
+# ---------------------------------------------------------------- shared pieces
+
+def task_tokenizer(cfg, vocab_size: int, tokenizer=None):
+    """The tokenizer given, else the model's own, else the byte fallback (config-built bases)."""
+    if tokenizer is not None:
+        return tokenizer
+    return load_tokenizer(cfg.model, vocab_size, cfg.model.arch.get("eos_token_id"))
+
+
+def subset_indices(n: int, fraction: float, max_examples: int, seed: int) -> list[int]:
+    """Indices kept by (fraction, max_examples): the first k of one permutation seeded by `seed`.
+
+    One permutation serves every size, so smaller subsets are nested in larger ones (10% ⊂ 30% ⊂ 50%),
+    and the kept indices are returned in file order.
+    """
+    keep = n if fraction >= 1.0 else max(1, round(fraction * n))
+    if max_examples:
+        keep = min(keep, max_examples)
+    if keep >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed * 7_000_003 + 11)
+    return sorted(torch.randperm(n, generator=g)[:keep].tolist())
+
+
+def _subset(items: list, cfg) -> list:
+    d = cfg.data
+    return [items[i] for i in subset_indices(len(items), d.fraction, d.max_examples, cfg.train.seed)]
+
+
+def _hub(task: str, name: str, config: str | None, split: str, path: str | None):
+    """`datasets.load_dataset`, or one DataError line: offline the user must pass data.path."""
+    source = path or name
+    try:
+        import datasets
+        return datasets.load_dataset(source, config, split=split)
+    except Exception as e:  # noqa: BLE001 - any failure (no network, no package, bad dir) is the same advice
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise DataError(f"data.task={task}: cannot load {source!r} via datasets.load_dataset ({reason}); "
+                        f"offline, pass data.path=<local copy of the dataset>") from None
+
+
+def _check_model(cfg, task: str, objective: str, num_labels: int = 0) -> None:
+    m = cfg.model
+    if m.objective != objective:
+        raise ConfigError(f"model.objective={m.objective!r}: task {task} needs {objective}; "
+                          f"set model.objective={objective}")
+    if objective == "seq_cls" and m.num_labels != num_labels:
+        raise ConfigError(f"model.num_labels={m.num_labels}: task {task} has {num_labels} "
+                          f"({'regression' if num_labels == 1 else 'classes'}); set model.num_labels={num_labels}")
+
+
+# ---------------------------------------------------------------- GLUE
+
+def glue_records(name: str, split: str, cfg) -> list[dict]:
+    """Records {text_a, text_b, label} of one split: local TSVs when present, else the hub."""
+    from . import shared_data_dir
+    from .glue import glue_task, load_glue
+    spec = glue_task(name)
+    if cfg.data.path:
+        return load_glue(name, split, _glue_root(Path(cfg.data.path), spec.folder))
+    default = shared_data_dir() / "glue"
+    if (default / spec.folder).is_dir():
+        return load_glue(name, split, default)
+    if split.startswith("test"):
+        raise DataError(f"data.task=glue/{name}: split {split!r} has no labels to score")
+    a, b = _HF_GLUE[name]
+    rows = _hub(f"glue/{name}", "glue", name, _HF_SPLITS[split], None)
+    return [{"text_a": r[a], "text_b": r[b] if b else None, "label": r["label"]} for r in rows]
+
+
+def _glue_root(path: Path, folder: str) -> Path:
+    """data.path may name the task folder (…/glue/MRPC) or the folder holding it (…/glue)."""
+    if (path / folder).is_dir():
+        return path
+    if path.name == folder and path.is_dir():
+        return path.parent
+    raise DataError(f"data.path={str(path)!r}: expected a GLUE folder named {folder} (with train.tsv, dev.tsv) "
+                    f"or the folder that holds it")
+
+
+def glue_eval_split(name: str) -> str:
+    return "dev_matched" if name == "mnli" else "dev"
+
+
+def encode_glue(records: list[dict], tokenizer, seq_len: int, regression: bool) -> list[dict]:
+    """Sentence pairs joined as the tokenizer joins them (`<s> a </s></s> b </s>` for RoBERTa)."""
+    a = [r["text_a"] for r in records]
+    b = [r["text_b"] for r in records]
+    pair = bool(records) and records[0]["text_b"] is not None
+    ids = tokenizer(a, b if pair else None, truncation=True, max_length=seq_len)["input_ids"]
+    return [{"input_ids": list(x), "label": float(r["label"]) if regression else int(r["label"])}
+            for x, r in zip(ids, records)]
+
+
+def glue_builder(name: str) -> Callable:
+    def build(cfg, vocab_size: int, tokenizer=None):
+        from . import TaskData
+        from .glue import glue_task
+        spec = glue_task(name)
+        _check_model(cfg, f"glue/{name}", "seq_cls", spec.num_labels)
+        tok = task_tokenizer(cfg, vocab_size, tokenizer)
+        regression = spec.num_labels == 1
+        train = _subset(glue_records(name, "train", cfg), cfg)
+        dev = glue_records(name, glue_eval_split(name), cfg)
+        return TaskData(encode_glue(train, tok, cfg.data.seq_len, regression),
+                        encode_glue(dev, tok, cfg.data.seq_len, regression), "seq_cls", spec.num_labels)
+
+    build.__doc__ = f"GLUE {name}: train on train.tsv (subset per data.fraction/max_examples), evaluate on dev."
+    return build
+
+
+# ---------------------------------------------------------------- generation (E2E and the hub NLG tasks)
+
+def _e2e_local(split: str, cfg) -> Pairs:
+    from . import shared_data_dir
+    from .e2e import group_references, load_e2e
+    split = "valid" if split == "dev" else split
+    return group_references(load_e2e(split, cfg.data.path or shared_data_dir() / "e2e"))
+
+
+def _triples(rows) -> str:
+    return " | ".join(" : ".join(t) for t in rows)
+
+
+# name -> (hub id, hub config, row -> (source, references))
+_HUB_NLG: dict[str, tuple[str, str | None, Callable[[dict], tuple[str, list[str]]]]] = {
+    "e2e_nlg": ("e2e_nlg", None, lambda r: (r["meaning_representation"], [r["human_reference"]])),
+    "web_nlg": ("web_nlg", "release_v2", lambda r: (" | ".join(r["modified_triple_sets"]["mtriple_set"][0]),
+                                                    list(r["lex"]["text"]))),
+    "dart": ("dart", None, lambda r: (_triples(r["tripleset"]), list(r["annotations"]["text"]))),
+    "wikisql": ("wikisql", None, lambda r: (f"table: {' | '.join(r['table']['header'])} question: {r['question']}",
+                                            [r["sql"]["human_readable"]])),
+    "samsum": ("samsum", None, lambda r: (r["dialogue"], [r["summary"]])),
+}
+
+
+def generation_pairs(task: str, split: str, cfg) -> Pairs:
+    """(source, references) per source, in order of first appearance; split is train | dev | test."""
+    if task == "e2e":
+        return _e2e_local(split, cfg)
+    name, config, convert = _HUB_NLG[task]
+    grouped: dict[str, list[str]] = {}
+    for row in _hub(task, name, config, _HF_SPLITS.get(split, split), cfg.data.path):
+        source, refs = convert(row)
+        grouped.setdefault(source, []).extend(refs)
+    return list(grouped.items())
+
+
+def _encode_texts(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    if getattr(tokenizer, "is_fallback", False):
+        return [tokenizer.encode(t, add_special_tokens=special) for t in texts]
+    return [list(x) for x in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+
+
+def encode_prompts(sources: list[str], tokenizer, seq_len: int) -> list[list[int]]:
+    """Prompt ids (source + SEPARATOR), cut to seq_len - 1 so at least one target token fits."""
+    return [p[:max(1, seq_len - 1)] for p in _encode_texts(tokenizer, [s + SEPARATOR for s in sources], True)]
+
+
+def encode_lm(pairs: list[tuple[str, str]], tokenizer, seq_len: int) -> list[dict]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("model.name_or_path: the tokenizer has no eos token; generation tasks need one")
+    prompts = encode_prompts([s for s, _ in pairs], tokenizer, seq_len)
+    targets = _encode_texts(tokenizer, [" " + t.strip() for _, t in pairs], False)
+    return [{"input_ids": (p + t + [eos])[:seq_len], "loss_from": len(p)} for p, t in zip(prompts, targets)]
+
+
+def generation_builder(task: str) -> Callable:
+    def build(cfg, vocab_size: int, tokenizer=None):
+        from . import TaskData
+        _check_model(cfg, task, "causal_lm")
+        tok = task_tokenizer(cfg, vocab_size, tokenizer)
+        flat = [(s, r) for s, refs in generation_pairs(task, "train", cfg) for r in refs]
+        dev = [(s, r) for s, refs in generation_pairs(task, "dev", cfg) for r in refs]
+        seq = cfg.data.seq_len
+        return TaskData(encode_lm(_subset(flat, cfg), tok, seq), encode_lm(dev, tok, seq), "causal_lm")
+
+    build.__doc__ = f"{task}: causal LM on prompt + reference; eval loss on the dev split, metric by generation."
+    return build
+
+
+TASK_BUILDERS: dict[str, Callable] = {
+    **{f"glue/{name}": glue_builder(name) for name in GLUE_NAMES},
+    "e2e": generation_builder("e2e"),
+    **{name: generation_builder(name) for name in _HUB_NLG},
+}

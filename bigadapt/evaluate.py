@@ -1,0 +1,212 @@
+"""The paper's metric for a task, on a trained run (`bigadapt eval RUN`) or on the model in training.
+
+GLUE tasks score the classifier's predictions (metrics.glue_metrics). Generation tasks (E2E and the hub NLG
+tasks) decode with beam search — Table 11's defaults: beam 10, length penalty 0.9, no-repeat 4-grams,
+64 new tokens — and score each output against all references of its source.
+
+Under ZeRO-3 every forward gathers parameters collectively, so `generate_sharded` makes every rank call
+`generate` the same number of times with `synced_gpus=True` (ranks that finish early keep stepping) and
+gathers the outputs to rank 0.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import zero
+
+GENERATION_TASKS = ("e2e", "e2e_nlg", "web_nlg", "dart", "wikisql", "samsum")
+
+
+@dataclass
+class GenerationSettings:
+    num_beams: int = 10
+    length_penalty: float = 0.9  # Table 11 (E2E); the released README decodes with 0.8
+    no_repeat_ngram_size: int = 4
+    max_new_tokens: int = 64
+    batch_size: int = 1  # prompts per generate call (left-padded)
+
+
+def glue_name(task: str) -> str | None:
+    return task.split("/", 1)[1] if task.startswith("glue/") else None
+
+
+# ---------------------------------------------------------------- in-training (Loop.evaluate)
+
+def predictions(logits: torch.Tensor, labels: torch.Tensor, objective: str) -> list[tuple[float, float]]:
+    """(prediction, label) pairs of a seq_cls batch: the argmax class, or the score for regression."""
+    if objective != "seq_cls":
+        return []
+    pred = logits.float().squeeze(-1) if logits.size(-1) == 1 else logits.argmax(-1)
+    return list(zip(pred.tolist(), labels.tolist()))
+
+
+def task_metrics(task: str, outputs: list[tuple[float, float]]) -> dict[str, float]:
+    """*Collective for GLUE tasks* (gathers every rank's pairs): the paper's metric, {} for other tasks.
+
+    Generation tasks report only the teacher-forced loss in training: beam search is `bigadapt eval`'s job.
+    """
+    name = glue_name(task)
+    if name is None:
+        return {}
+    from .metrics import glue_metrics
+    pairs = [p for part in zero.all_gather_object(outputs) for p in part]
+    if not pairs:
+        return {}
+    preds, labels = zip(*pairs)
+    return glue_metrics(name, preds, labels)
+
+
+# ---------------------------------------------------------------- generation under ZeRO-3
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def _until_eos(row: list[int], eos_id: int) -> list[int]:
+    return row[:row.index(eos_id)] if eos_id in row else row
+
+
+@torch.no_grad()
+def generate_sharded(model, prompts: list[list[int]], settings: GenerationSettings, pad_id: int,
+                     eos_id: int) -> list[list[int]] | None:
+    """*Collective.* New token ids per prompt (cut at eos), on rank 0; None on the other ranks.
+
+    Rank r decodes prompts r, r+W, ...; every rank runs ceil(len/W / batch) generate calls, repeating a
+    prompt when it has run out of work, because a rank that skipped a call would leave the others
+    waiting in a parameter gather.
+    """
+    world, rank = zero.world_size(), zero.rank()
+    if not prompts:
+        return [] if rank == 0 else None
+    mine = list(range(rank, len(prompts), world))
+    bs = max(1, settings.batch_size)
+    calls = math.ceil(math.ceil(len(prompts) / world) / bs)
+    device = next(model.parameters()).device
+    done: dict[int, list[int]] = {}
+    for c in range(calls):
+        idx = mine[c * bs:(c + 1) * bs]
+        ids, mask = _left_pad([prompts[i] for i in idx] or [prompts[0]], pad_id)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             num_beams=settings.num_beams, length_penalty=settings.length_penalty,
+                             no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                             max_new_tokens=settings.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
+                             synced_gpus=world > 1)
+        for i, row in zip(idx, out[:, ids.size(1):].tolist()):
+            done[i] = _until_eos(row, eos_id)
+    parts = zero.all_gather_object(done)
+    if rank != 0:
+        return None
+    merged = {i: row for part in parts for i, row in part.items()}
+    return [merged[i] for i in range(len(prompts))]
+
+
+def generation_metrics(task: str, hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:
+    """The paper's metric per generation task (E2E's five for the NLG tasks; see docs/tasks.md)."""
+    from . import metrics
+    if task == "wikisql":
+        return {"lf_accuracy": metrics.logical_form_accuracy(hypotheses, [r[0] for r in references])}
+    if task == "samsum":
+        return metrics.rouge_scores(hypotheses, [r[0] for r in references])
+    return metrics.e2e_metrics(hypotheses, references)
+
+
+# ---------------------------------------------------------------- a trained run
+
+@torch.no_grad()
+def classify(model, examples: list[dict], pad_id: int, batch: int = 32) -> list[float]:
+    from .data.batching import collate
+    preds: list[float] = []
+    for i in range(0, len(examples), batch):
+        b = collate(examples[i:i + batch], "seq_cls", pad_id)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        preds += [p for p, _ in predictions(logits, b["labels"], "seq_cls")]
+    return preds
+
+
+def evaluate_model(model, cfg, split: str, limit: int = 0, settings: GenerationSettings | None = None,
+                   tokenizer=None) -> dict:
+    """*Collective for generation tasks.* {"metrics", "n", ...} for cfg.data.task on `split` (dev | test)."""
+    from .data import tasks
+    from .model import pad_id as model_pad_id
+    task, vocab = cfg.data.task, model.config.vocab_size
+    tok = tasks.task_tokenizer(cfg, vocab, tokenizer)
+    pad = model_pad_id(model)
+    name = glue_name(task)
+    if name is not None:
+        from .data.glue import glue_task
+        from .metrics import glue_metrics
+        split = tasks.glue_eval_split(name) if split == "dev" else split
+        records = tasks.glue_records(name, split, cfg)[:limit or None]
+        examples = tasks.encode_glue(records, tok, cfg.data.seq_len, glue_task(name).num_labels == 1)
+        preds = classify(model, examples, pad)
+        return {"n": len(examples), "metrics": glue_metrics(name, preds, [e["label"] for e in examples])}
+    if task not in GENERATION_TASKS:
+        from .errors import ConfigError
+        raise ConfigError(f"data.task={task}: no task metric to evaluate (tasks with one: glue/*, "
+                          f"{', '.join(GENERATION_TASKS)})")
+    settings = settings or GenerationSettings()
+    pairs = tasks.generation_pairs(task, split, cfg)[:limit or None]
+    # leave room for the continuation within the model's positions
+    room = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 0)
+    keep = max(1, min(cfg.data.seq_len, room - settings.max_new_tokens) if room else cfg.data.seq_len)
+    prompts = [p[:keep] for p in tasks.encode_prompts([s for s, _ in pairs], tok, cfg.data.seq_len)]
+    eos = tok.eos_token_id
+    outs = generate_sharded(model, prompts, settings, pad, eos)
+    if outs is None:
+        return {}
+    hyps = [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
+    refs = [r for _, r in pairs]
+    return {"n": len(pairs), "metrics": generation_metrics(task, hyps, refs), "generation": asdict(settings),
+            "samples": [{"source": s, "output": h, "reference": r[0]} for (s, r), h in zip(pairs[:3], hyps)]}
+
+
+def evaluate_run(run: str | Path, split: str = "dev", limit: int = 0,
+                 settings: GenerationSettings | None = None) -> dict:
+    """Rebuild the trained model on the CPU, score it, and write RUN/eval-<split>.json."""
+    from .export import load_trained
+    model, manifest, cfg = load_trained(run)
+    result = {"run": str(run), "task": cfg.data.task, "method": cfg.method.name, "split": split,
+              "step": manifest.get("step"), "limit": limit, **evaluate_model(model, cfg, split, limit, settings)}
+    out = _run_dir(Path(run)) / f"eval-{split}.json"
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _run_dir(path: Path) -> Path:
+    """A checkpoint directory (…/checkpoints/step-N) reports into its run directory."""
+    return path.parent.parent if path.parent.name == "checkpoints" else path
+
+
+# ---------------------------------------------------------------- tables
+
+def results_table(runs: list[str | Path]) -> str:
+    """Markdown: one row per (run, eval file), columns run | task | method | trainable | split | metrics."""
+    import yaml
+    rows, names = [], []
+    for run in map(Path, runs):
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+        layout = run / "layout.json"
+        trainable = json.loads(layout.read_text()).get("trainable_numel_total") if layout.is_file() else None
+        for f in sorted(run.glob("eval-*.json")):
+            r = json.loads(f.read_text())
+            rows.append((run.name, r.get("task", ""), r.get("method", cfg.get("method", {}).get("name", "")),
+                         trainable, r.get("split", ""), r.get("metrics", {})))
+            names += [k for k in r.get("metrics", {}) if k not in names]
+    head = ["run", "task", "method", "trainable", "split", *names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run, task, method, trainable, split, m in rows:
+        cells = [run, task, method, f"{trainable:,}" if trainable else "?", split]
+        cells += [f"{m[k]:.4g}" if k in m else "" for k in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

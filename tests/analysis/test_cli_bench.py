@@ -1,0 +1,22 @@
+"""The `analyze` wiring and a tiny latency smoke run (no timing is asserted)."""
+from __future__ import annotations
+
+from bigadapt import cli
+from bigadapt.bench import latency
+
+
+def test_analyze_wrong_number_of_runs_is_a_user_error(capsys):
+    assert cli.main(["analyze", "subspace", "only-one"]) == 2
+    assert "expects 2 run directories" in capsys.readouterr().err
+
+
+def test_latency_smoke_reports_every_variant():
+    result = latency.main(["--layers", "1", "--scale", "0.0625", "--cells", "1x8,2x8", "--trials", "2",
+                           "--warmup", "0", "--adapter-r", "4"])
+    assert [(c["batch"], c["seq"]) for c in result["cells"]] == [(1, 8), (2, 8)]
+    assert set(result["cells"][0]["overhead_pct"]) == {"lora_merged", "lora", "adapter_l", "adapter_h"}
+
+
+def test_cells_parse():
+    assert latency.parse_cells("table1") == [(32, 512), (16, 256), (1, 128)]
+    assert len(latency.parse_cells("fig5")) == 18 and latency.parse_cells("4x64") == [(4, 64)]
