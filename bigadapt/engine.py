@@ -25,6 +25,15 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=_backend(), auto_mpi_discovery=False, verbose=False)
 
 
+def shutdown() -> None:
+    """Leave the process group together: a group left to interpreter exit can abort a rank (gloo's threads
+    outliving Python: 'terminate called without an active exception') after a run that succeeded."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
