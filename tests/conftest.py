@@ -41,6 +41,23 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
+def zero3_engine(**sections):
+    """For scripts the tests launch on several ranks: a ZeRO-3 engine over the tiny config, every tensor
+    partitioned, the method injected (every rank calls this)."""
+    from bigadapt import engine, methods, zero
+    from bigadapt import model as base_model
+    from bigadapt.config import config_from_dict
+    cfg = config_from_dict(tiny_config("unused", zero={"stage": 3, "param_persistence_threshold": 0}, **sections))
+    engine.init_distributed()
+    accumulation = cfg.train.batch_size // (cfg.train.micro_batch * zero.world_size())
+    conf = engine.ds_config(cfg, zero.world_size(), accumulation)
+    zero.register_for_loading(conf)
+    model = base_model.build_base(cfg.model, 0)
+    methods.apply(model, cfg)
+    eng, _ = engine.initialize(model, cfg, conf)
+    return eng
+
+
 def env() -> dict:
     e = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
              PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # the venv's ninja: no JIT rebuilds

@@ -4,20 +4,12 @@ import sys
 
 import torch
 
-from bigadapt import engine, methods, zero
-from bigadapt import model as base_model
-from bigadapt.config import config_from_dict
+from bigadapt import zero
 from bigadapt.methods.lora import lora_modules, merge, unmerge
-from tests.conftest import tiny_config
+from tests.conftest import zero3_engine
 
 out = sys.argv[-1]
-cfg = config_from_dict(tiny_config("unused", zero={"stage": 3, "param_persistence_threshold": 0}))
-engine.init_distributed()
-conf = engine.ds_config(cfg, zero.world_size(), cfg.train.batch_size // (cfg.train.micro_batch * zero.world_size()))
-zero.register_for_loading(conf)
-model = base_model.build_base(cfg.model, 0)
-methods.apply(model, cfg)
-eng, _ = engine.initialize(model, cfg, conf)
+eng = zero3_engine()
 eng.eval()
 x = torch.randint(1, 96, (3, 16), generator=torch.Generator().manual_seed(0))
 

@@ -12,20 +12,10 @@ pytestmark = pytest.mark.skipif(not shared_data_dir().is_dir(), reason="shared d
 
 GENERATE_SCRIPT = '''
 import json, sys
-import torch
-from bigadapt import engine, evaluate, methods, zero
-from bigadapt import model as base_model
-from bigadapt.config import config_from_dict
-from tests.conftest import TINY_GPT2, tiny_config
+from bigadapt import evaluate, zero
+from tests.conftest import TINY_GPT2, zero3_engine
 
-cfg = config_from_dict(tiny_config("unused", model={"arch": dict(TINY_GPT2), "objective": "causal_lm"},
-                                   zero={"stage": 3, "param_persistence_threshold": 0}))
-engine.init_distributed()
-conf = engine.ds_config(cfg, zero.world_size(), cfg.train.batch_size // (cfg.train.micro_batch * zero.world_size()))
-zero.register_for_loading(conf)
-model = base_model.build_base(cfg.model, 0)
-methods.apply(model, cfg)
-eng, _ = engine.initialize(model, cfg, conf)
+eng = zero3_engine(model={"arch": dict(TINY_GPT2), "objective": "causal_lm"})
 eng.eval()
 # 5 prompts on 2 ranks: rank 1 runs out of work and must keep stepping; lengths differ, so ranks finish apart
 prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [20], [30, 31], [40, 41, 42, 43]]
