@@ -92,11 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     if args.command == "train":
         from .config import load_config
-        from .engine import shutdown
         from .train import run
-        code = run(load_config(args.config, args.overrides), args.resume)
-        shutdown()
-        return code
+        return run(load_config(args.config, args.overrides), args.resume)
     if args.command == "estimate":
         from .estimate_cli import main as estimate
         return estimate(args)

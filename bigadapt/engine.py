@@ -5,6 +5,7 @@ master, no gradient buffer and no optimizer state, and nothing needs a JIT-compi
 """
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 
@@ -23,14 +24,16 @@ def init_distributed() -> None:
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     _set_threads()
     deepspeed.init_distributed(dist_backend=_backend(), auto_mpi_discovery=False, verbose=False)
+    atexit.unregister(_leave_group)  # several runs may share one process: leave it once, at exit
+    atexit.register(_leave_group)
 
 
-def shutdown() -> None:
-    """Leave the process group together: a group left to interpreter exit can abort a rank (gloo's threads
-    outliving Python: 'terminate called without an active exception') after a run that succeeded."""
+def _leave_group() -> None:
+    """At interpreter exit: a process group left to Python's teardown can abort a rank after a run that
+    succeeded (gloo's threads outliving the interpreter: 'terminate called without an active exception').
+    No barrier: after an error, ranks reach exit at different points."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
