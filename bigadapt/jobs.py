@@ -14,7 +14,7 @@ from pathlib import Path
 from . import slurm
 from .checkpoint import complete
 from .config import dump_config, load_config
-from .errors import ConfigError
+from .errors import ConfigError, SlurmError
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "train.py"
 
@@ -97,7 +97,7 @@ def status(run: str) -> int:
 def _job_state(job_id: str) -> str:
     try:
         states = slurm.job_states(job_id)
-    except Exception as e:  # scontrol missing or the job is forgotten: the run directory still tells
+    except SlurmError as e:  # scontrol missing or the job is forgotten: the run directory still tells
         return f"unknown to scontrol ({str(e).splitlines()[0]})"
     return ", ".join(f"{s.job_id} {s.state} restarts={s.restarts}" for s in states)
 
