@@ -60,9 +60,10 @@ def parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="job state and progress of a run directory")
     st.add_argument("run")
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    b.add_argument("what", choices=["peft", "latency", "throughput"],
+    b.add_argument("what", choices=["peft", "latency", "throughput", "study"],
                    help="peft: LoRA training step vs huggingface/peft + DeepSpeed; latency: Table 1 forward latency; "
-                        "throughput: LoRA vs full FT step time (options: python -m bigadapt.bench.latency -h)")
+                        "throughput: LoRA vs full FT step time; study: BitFit/adapters/LoRA/full across data "
+                        "fractions and time budgets (options: python -m bigadapt.bench.latency -h, ...study -h)")
     b.add_argument("--ranks", type=int, default=2)
     b.add_argument("--rounds", type=int, default=2, help="alternating launches per side")
     b.add_argument("--json", help="also write the numbers to this file")
@@ -110,6 +111,9 @@ def _dispatch(args) -> int:
         result = evaluate.evaluate_run(args.run, args.split, args.limit, settings)
         print(" ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()), f"(n={result['n']}, {args.split})")
         return 0
+    if args.command == "bench" and args.what == "study":
+        from .bench import study
+        return study.main(args.rest)
     if args.command == "bench" and args.what != "peft":
         from .bench import latency, throughput
         bench = latency if args.what == "latency" else throughput

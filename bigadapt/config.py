@@ -20,6 +20,7 @@ from .errors import ConfigError
 DTYPES = ("fp32", "bf16", "fp16")
 OBJECTIVES = ("causal_lm", "seq_cls")
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")  # bitsandbytes base for method qlora
+SCHEDULES = ("linear", "constant")  # after warmup
 
 
 @dataclass
@@ -69,6 +70,7 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     warmup_steps: int = 0
+    schedule: str = "linear"  # after warmup: linear decay to 0 at the last step, or constant (time-budgeted runs)
     max_steps: int = 0  # 0 -> run `epochs` epochs
     epochs: float = 1.0
     clip: float = 1.0  # gradient-norm clipping; 0 disables
@@ -77,7 +79,10 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept; older ones are deleted after a newer one is complete
     log_every: int = 10
     seed: int = 0
-    time_budget_s: float = 0.0  # stop (with a checkpoint) once this wall-clock budget is spent; 0 = none
+    # stop (eval, save) once this much training time is spent; 0 = none. The clock counts training steps only
+    # (not loading, evaluation or saves) and carries over a resume, so a budget means the same work anywhere.
+    time_budget_s: float = 0.0
+    eval_at_s: list[float] = field(default_factory=list)  # also evaluate when the training clock passes these
 
 
 @dataclass
@@ -265,6 +270,9 @@ def validate(cfg: RunConfig) -> None:
     for key in ("eval_every", "save_every", "log_every"):
         _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "must be >= 0")
     _check(t.time_budget_s >= 0, "train.time_budget_s", t.time_budget_s, "must be >= 0 (0 = no budget)")
+    _check(t.schedule in SCHEDULES, "train.schedule", t.schedule, f"use one of {', '.join(SCHEDULES)}")
+    _check(all(x > 0 for x in t.eval_at_s) and list(t.eval_at_s) == sorted(t.eval_at_s), "train.eval_at_s",
+           t.eval_at_s, "give increasing training-clock seconds > 0, e.g. [30, 60, 120]")
     _check(z.stage is None or z.stage in (0, 1, 2, 3), "zero.stage", z.stage, "ZeRO stage must be 0, 1, 2 or 3")
     _check(z.param_persistence_threshold >= 0, "zero.param_persistence_threshold",
            z.param_persistence_threshold, "must be >= 0 (0 = partition every parameter)")

@@ -38,10 +38,14 @@ class StopRequest:
 
 
 def lr_at(step: int, cfg: RunConfig, total: int) -> float:
-    """Linear warmup, then linear decay to zero: a pure function of the step, so resume needs no state."""
+    """Linear warmup, then linear decay to zero (or constant): a pure function of the step, so resume needs no
+    state. Constant suits a time budget: the run's length is unknown, and a budget of T then trains exactly
+    the first T seconds of a longer run."""
     warm = cfg.train.warmup_steps
     if step < warm:
         return cfg.train.lr * (step + 1) / warm
+    if cfg.train.schedule == "constant":
+        return cfg.train.lr
     return cfg.train.lr * max(0.0, (total - step) / max(1, total - warm))
 
 
@@ -75,7 +79,8 @@ def run(cfg: RunConfig, resume: str | None = None) -> int:
         checkpoint.clean_stale(ckpt_root)
     zero.barrier()
     ckpt = checkpoint.find_resume(ckpt_root, resume, log=display.log)
-    start = checkpoint.restore(ckpt, eng.module, optimizer, base_fp)["step"] if ckpt else 0
+    resumed = checkpoint.restore(ckpt, eng.module, optimizer, base_fp) if ckpt else {}
+    start = resumed.get("step", 0)
 
     holdings = zero.rank_holdings(eng.module, optimizer)
     display.start_table(holdings, _trainable_rows(eng.module, cfg), engine.zero_stage(cfg, world), accumulation)
@@ -90,7 +95,8 @@ def run(cfg: RunConfig, resume: str | None = None) -> int:
     sampler = StepSampler(len(task.train), cfg.train.batch_size, cfg.train.seed)
     total = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * sampler.steps_per_epoch))
     manifest = _manifest(cfg, base_fp, world)
-    loop = Loop(cfg, eng, optimizer, task, sampler, total, run_dir, base_model.pad_id(eng.module), manifest)
+    loop = Loop(cfg, eng, optimizer, task, sampler, total, run_dir, base_model.pad_id(eng.module), manifest,
+                train_s=resumed.get("train_s", 0.0))
 
     step, outcome = loop.train(start, stop)
     if outcome == "preempted":
@@ -123,18 +129,20 @@ def _accounting_report(run_dir: Path, predicted: dict, eng, optimizer) -> None:
 
 
 class Loop:
-    def __init__(self, cfg, eng, optimizer, task, sampler, total, run_dir, pad, manifest):
+    def __init__(self, cfg, eng, optimizer, task, sampler, total, run_dir, pad, manifest, train_s=0.0):
         self.cfg, self.eng, self.optimizer, self.task = cfg, eng, optimizer, task
         self.sampler, self.total, self.run_dir, self.pad = sampler, total, run_dir, pad
         self.manifest = manifest
         self.world, self.rank = zero.world_size(), zero.rank()
         self.device = eng.device
         self.started = time.time()
+        self.train_s = train_s  # the training clock: seconds spent in steps, over all resumes
+        self.marks_done = sum(1 for m in cfg.train.eval_at_s if m <= train_s)
 
     def state(self, step: int) -> dict:
         return {"step": step, "optimizer_step": step, "samples_seen": step * self.cfg.train.batch_size,
                 "world_size_at_save": self.world, "seed": self.cfg.train.seed,
-                "elapsed_s": round(time.time() - self.started, 3)}
+                "elapsed_s": round(time.time() - self.started, 3), "train_s": round(self.train_s, 3)}
 
     def train(self, start: int, stop: StopRequest) -> tuple[int, str]:
         t = self.cfg.train
@@ -143,8 +151,12 @@ class Loop:
             bar.start()
         try:
             for step in range(start, self.total):
-                if zero.all_reduce_max(self._should_stop(stop)):  # every rank stops at the same boundary
+                should_stop, marks = self._agree(stop)  # every rank stops and evaluates at the same boundary
+                if should_stop:  # a mark passed here is covered by the final eval
                     return step, "preempted" if stop.signal else "time budget"
+                if marks > self.marks_done:
+                    self.marks_done = marks
+                    self.evaluate(step)
                 record = self.step(step)
                 done = step + 1
                 if bar:
@@ -162,9 +174,15 @@ class Loop:
             if bar:
                 bar.stop()
 
-    def _should_stop(self, stop: StopRequest) -> float:
-        budget = self.cfg.train.time_budget_s
-        return float(stop.signal is not None or bool(budget and time.time() - self.started > budget))
+    def _agree(self, stop: StopRequest) -> tuple[bool, int]:
+        """*Collective.* (stop now?, eval marks passed) as the most advanced rank sees them: clocks differ a
+        little between ranks, and a stop or an eval must happen on all of them at the same step."""
+        t = self.cfg.train
+        over = bool(t.time_budget_s and self.train_s >= t.time_budget_s)
+        marks = sum(1 for m in t.eval_at_s if m <= self.train_s)
+        # two numbers in one max-reduction: marks < 1e6, so stop dominates without being lost
+        packed = zero.all_reduce_max(float(stop.signal is not None or over) * 1e6 + marks)
+        return packed >= 1e6, int(packed % 1e6)
 
     def step(self, step: int) -> dict:
         t0 = time.time()
@@ -188,8 +206,10 @@ class Loop:
         total_loss = zero.all_reduce_sum([loss_sum])[0] / n_terms
         tokens = sum(len(e["input_ids"]) for e in examples)
         dt = time.time() - t0
+        self.train_s += dt
         return {"step": step + 1, "loss": total_loss, "lr": lr, "samples": (step + 1) * self.cfg.train.batch_size,
-                "step_s": round(dt, 4), "tokens_per_s": tokens / dt, "mem_mb": round(display.memory_mb(), 1)}
+                "step_s": round(dt, 4), "train_s": round(self.train_s, 3), "tokens_per_s": tokens / dt,
+                "mem_mb": round(display.memory_mb(), 1)}
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
@@ -218,7 +238,7 @@ class Loop:
                 outputs += evaluate.predictions(logits, labels, self.task.objective)
         loss, terms, right, n = zero.all_reduce_sum(sums)
         self.eng.train()
-        result = {"step": step, "split": "eval", "eval_loss": loss / max(terms, 1)}
+        result = {"step": step, "split": "eval", "train_s": round(self.train_s, 3), "eval_loss": loss / max(terms, 1)}
         if n:
             result["accuracy"] = right / n
         result.update(evaluate.task_metrics(self.cfg.data.task, outputs))  # collective for GLUE tasks

@@ -65,7 +65,12 @@ def _subset(items: list, cfg) -> list:
 
 
 def _hub(task: str, name: str, config: str | None, split: str, path: str | None):
-    """`datasets.load_dataset`, or one DataError line: offline the user must pass data.path."""
+    """Rows of one split: a local copy when data.path is given (see `_local`), else `datasets.load_dataset` by
+    hub name; any failure is one DataError line (offline, the user must pass data.path)."""
+    if path:
+        local = _local(task, Path(path), split)
+        if local is not None:
+            return local
     source = path or name
     try:
         import datasets
@@ -74,6 +79,37 @@ def _hub(task: str, name: str, config: str | None, split: str, path: str | None)
         reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
         raise DataError(f"data.task={task}: cannot load {source!r} via datasets.load_dataset ({reason}); "
                         f"offline, pass data.path=<local copy of the dataset>") from None
+
+
+_SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "dev", "valid", "val"), "test": ("test",)}
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _local(task: str, path: Path, split: str):
+    """A local copy in the hub's row layout: a `save_to_disk` DatasetDict, or a folder of per-split files
+    (train/validation|dev|valid/test .json/.jsonl/.csv/.parquet). None: let load_dataset read the folder
+    (a dataset script or a hub-style repository clone)."""
+    import datasets
+    if (path / "dataset_dict.json").is_file():
+        splits = datasets.load_from_disk(str(path))
+        if split not in splits:
+            raise DataError(f"data.path={str(path)!r}: the saved dataset has splits {sorted(splits)}, "
+                            f"not {split!r} (needed by data.task={task})")
+        return splits[split]
+    if not path.is_dir():
+        return None
+    files = [f for f in sorted(path.iterdir()) if f.suffix in _FILE_BUILDERS]
+    if not files:
+        return None
+    mine = [f for f in files if f.stem in _SPLIT_STEMS.get(split, (split,))]
+    if not mine:
+        raise DataError(f"data.path={str(path)!r}: no file for split {split!r} among {[f.name for f in files]}; "
+                        f"name it {_SPLIT_STEMS.get(split, (split,))[0]}.jsonl (or .json/.csv/.parquet)")
+    try:
+        return datasets.load_dataset(_FILE_BUILDERS[mine[0].suffix], data_files=str(mine[0]), split="train")
+    except Exception as e:  # noqa: BLE001 - a malformed file: name it
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise DataError(f"{mine[0]}: cannot be read as {_FILE_BUILDERS[mine[0].suffix]} ({reason})") from None
 
 
 def _check_model(cfg, task: str, objective: str, num_labels: int = 0) -> None:
@@ -177,8 +213,14 @@ def generation_pairs(task: str, split: str, cfg) -> Pairs:
         return _e2e_local(split, cfg)
     name, config, convert = _HUB_NLG[task]
     grouped: dict[str, list[str]] = {}
-    for row in _hub(task, name, config, _HF_SPLITS.get(split, split), cfg.data.path):
-        source, refs = convert(row)
+    hub_split = _HF_SPLITS.get(split, split)
+    for i, row in enumerate(_hub(task, name, config, hub_split, cfg.data.path)):
+        try:
+            source, refs = convert(row)
+        except (KeyError, IndexError, TypeError) as e:
+            where = cfg.data.path or name
+            raise DataError(f"data.task={task}: {where} split {hub_split!r} row {i}: missing or malformed field "
+                            f"{e} (expected the {name} hub layout, see docs/tasks.md)") from None
         grouped.setdefault(source, []).extend(refs)
     return list(grouped.items())
 

@@ -1,0 +1,109 @@
+"""Time budgets, eval marks and the constant schedule: what the BitFit/adapters study's time axis relies on.
+
+No wall-clock value is asserted: only how the training clock orders steps, evals and the stop."""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from bigadapt import checkpoint
+from bigadapt.bench import study
+from bigadapt.bench.study_plot import plot
+from bigadapt.config import config_from_dict, load_config
+from bigadapt.errors import ConfigError
+from bigadapt.train import lr_at
+
+from .conftest import check, metrics, run_cli, tiny_config, write_config
+
+
+def test_constant_schedule_holds_after_warmup():
+    cfg = config_from_dict(tiny_config("r", train={"lr": 1e-3, "warmup_steps": 4, "schedule": "constant"}))
+    assert [lr_at(s, cfg, 10) for s in (0, 3, 4, 9, 50)] == [2.5e-4, 1e-3, 1e-3, 1e-3, 1e-3]
+    cfg.train.schedule = "linear"
+    assert lr_at(4, cfg, 10) == 1e-3 and lr_at(7, cfg, 10) == pytest.approx(5e-4) and lr_at(10, cfg, 10) == 0
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.schedule=cosine", "train.schedule='cosine'"), ("train.eval_at_s=[60, 30]", "train.eval_at_s"),
+    ("train.eval_at_s=[0]", "increasing training-clock seconds"),
+])
+def test_bad_budget_settings_are_one_line(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def _evals(run_dir):
+    return [m for m in metrics(run_dir) if m.get("split") == "eval"]
+
+
+def test_truncating_a_constant_schedule_run_is_the_shorter_run(tmp_path):
+    """The eval a long run makes at step 3 equals the final eval of a run that stops at step 3: so an eval at
+    a training-clock mark is the result of a run given that budget."""
+    long_run, short_run = tmp_path / "long", tmp_path / "short"
+    common = {"schedule": "constant", "warmup_steps": 2}
+    check(run_cli("train", "--config", str(write_config(tmp_path / "l.yaml", tiny_config(
+        long_run, train=dict(common, max_steps=6, eval_every=3))))))
+    check(run_cli("train", "--config", str(write_config(tmp_path / "s.yaml", tiny_config(
+        short_run, train=dict(common, max_steps=3))))))
+    at3 = next(e for e in _evals(long_run) if e["step"] == 3)
+    assert _evals(short_run)[-1]["eval_loss"] == at3["eval_loss"]
+    assert _evals(short_run)[-1]["accuracy"] == at3["accuracy"]
+
+
+def _first_past(clock: dict[int, float], t: float) -> int:
+    return min(s for s, c in clock.items() if c >= t)
+
+
+def test_marks_and_budget_follow_the_training_clock_and_survive_a_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    train = {"max_steps": 100000, "schedule": "constant", "log_every": 1, "time_budget_s": 3.0,
+             "eval_at_s": [1.0, 2.0, 50.0]}
+    check(run_cli("train", "--config", str(write_config(tmp_path / "a.yaml", tiny_config(run_dir, train=train)))))
+    clock = {m["step"]: m["train_s"] for m in metrics(run_dir) if "loss" in m}
+    state = json.loads((checkpoint.complete(run_dir / "checkpoints")[-1] / "state.json").read_text())
+    stop = state["step"]
+    # the budget stops the run at the first step boundary on or past it, and the clock is saved
+    assert stop == _first_past(clock, 3.0) and state["train_s"] == pytest.approx(clock[stop], abs=1e-3)
+    # each mark is evaluated at the first boundary on or past it (the final eval covers a mark reached there);
+    # the mark at 50 s lies beyond the budget
+    expected = sorted({_first_past(clock, m) for m in (1.0, 2.0)} | {stop})
+    assert [e["step"] for e in _evals(run_dir)] == expected
+
+    # a larger budget on the same run directory continues the same clock: earlier marks are not redone
+    more = dict(train, time_budget_s=4.0)
+    check(run_cli("train", "--config", str(write_config(tmp_path / "b.yaml", tiny_config(run_dir, train=more))),
+                  "--resume", "auto"))
+    clock = {m["step"]: m["train_s"] for m in metrics(run_dir) if "loss" in m}
+    after = json.loads((checkpoint.complete(run_dir / "checkpoints")[-1] / "state.json").read_text())
+    assert after["step"] == _first_past(clock, 4.0) > stop
+    assert min(c for s, c in clock.items() if s > stop) > state["train_s"]
+    assert [e["step"] for e in _evals(run_dir)] == expected + [after["step"]]
+
+
+def _row(task, method, fraction, scores):
+    marks = [30.0, 60.0, 120.0]
+    evals = [{"split": "eval", "train_s": m + 0.5, **s} for m, s in zip(marks, scores)]
+    return {"task": task, "method": method, "fraction": fraction, "seed": 0, "budget": 120.0, "marks": marks,
+            "evals": evals, "steps": 50, "train_s": 120.5, "step_s": 2.41, "trainable": 1234}
+
+
+def test_study_table_and_plot_from_runs():
+    rows = [_row("mrpc", "lora", 1.0, [{"accuracy": a, "f1": a + 0.1} for a in (0.6, 0.7, 0.8)]),
+            _row("mrpc", "lora", 0.3, [{"accuracy": a, "f1": a + 0.1} for a in (0.5, 0.6, 0.7)]),
+            _row("stsb", "bitfit", 1.0, [{"pearson": p, "spearman": p} for p in (0.1, 0.5, 0.8)])]
+    text = study.table(rows)
+    assert "| 100% · 30 s |" in text and "| 30% · 120 s |" in text
+    assert "| mrpc (accuracy/f1) | lora | 1,234 | 60.0/70.0 | 70.0/80.0 | 80.0/90.0 | 50.0/60.0 |" in text
+    assert "| stsb (pearson/spearman) | bitfit | 1,234 | 10.0/10.0 | 50.0/50.0 | 80.0/80.0 | – | – | – |" in text
+    svg = ET.fromstring(plot(rows, study.MAIN_METRIC))
+    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 3 and all(len(p.get("points").split()) == 3 for p in lines)
+    assert {p.get("stroke-dasharray") for p in lines} == {"", "6,4"}  # 100% solid, 30% dashed
+
+
+def test_study_eval_at_takes_the_first_eval_past_the_mark():
+    row = _row("cola", "full", 1.0, [{"mcc": 0.1}, {"mcc": 0.2}, {"mcc": 0.3}])
+    assert study._eval_at(row, 60.0)["mcc"] == 0.2 and study._eval_at(row, 45.0) is None
