@@ -49,6 +49,12 @@ def test_generation_metrics_per_task():
     assert evaluate.generation_metrics("wikisql", ["SELECT a FROM table"], [["SELECT a FROM table"]]) == {
         "lf_accuracy": 1.0}
     assert "rouge1" in {k.lower() for k in evaluate.generation_metrics("samsum", ["x y"], [["x y"]])}
+    # WebNLG/DART: BLEU, METEOR, TER over all references (TER takes the closest reference's edits)
+    web = evaluate.generation_metrics("web_nlg", ["the cat sat on the mat"],
+                                      [["a dog ran", "the cat sat on the mat"]])
+    assert set(web) == {"BLEU", "METEOR", "TER"} and web["TER"] == 0.0 and web["BLEU"] == pytest.approx(100.0)
+    assert evaluate.generation_metrics("dart", ["the cat sat"], [["the cat sat on the mat"]])["TER"] == \
+        pytest.approx(3 / 6)  # three deletions over a six-word reference
 
 
 def test_results_table(tmp_path):
