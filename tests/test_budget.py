@@ -97,6 +97,7 @@ def test_study_table_and_plot_from_runs():
     text = study.table(rows)
     assert "| 100% · 30 s |" in text and "| 30% · 120 s |" in text
     assert "| mrpc (accuracy/f1) | lora | 1,234 | 60.0/70.0 | 70.0/80.0 | 80.0/90.0 | 50.0/60.0 |" in text
+    assert text.splitlines()[2].endswith("| 50 | 2.41 | – |")  # steps, s/step, load (no cell record)
     assert "| stsb (pearson/spearman) | bitfit | 1,234 | 10.0/10.0 | 50.0/50.0 | 80.0/80.0 | – | – | – |" in text
     svg = ET.fromstring(plot(rows, study.MAIN_METRIC))
     lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
