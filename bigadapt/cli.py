@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="dev", help="dev (E2E: valid) | test | train")
     ev.add_argument("--limit", type=int, default=0, help="score only the first N examples (sources); 0 = all")
     ev.add_argument("--beams", type=int, default=10, help="beam size (generation tasks; Table 11: 10)")
-    ev.add_argument("--length-penalty", type=float, default=0.9, help="Table 11: 0.9 (E2E), 0.8 (WebNLG/DART)")
+    ev.add_argument("--length-penalty", type=float, default=None,
+                    help="default: Table 11's for the task, 0.9 (E2E), 0.8 (WebNLG/DART), else 1.0")
     ev.add_argument("--no-repeat-ngram-size", type=int, default=4)
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--batch-size", type=int, default=1, help="prompts per generate call")

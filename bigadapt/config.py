@@ -74,6 +74,7 @@ class TrainConfig:
     max_steps: int = 0  # 0 -> run `epochs` epochs
     epochs: float = 1.0
     clip: float = 1.0  # gradient-norm clipping; 0 disables
+    label_smoothing: float = 0.0  # of training cross-entropy terms (Table 11: 0.1 for E2E, WebNLG); eval loss is plain
     eval_every: int = 0  # optimizer steps; 0 -> only at the end
     save_every: int = 0  # optimizer steps; 0 -> only at the end
     keep_last: int = 2  # checkpoints kept; older ones are deleted after a newer one is complete
@@ -266,6 +267,7 @@ def validate(cfg: RunConfig) -> None:
     _check(t.max_steps > 0 or t.epochs > 0, "train.epochs", t.epochs, "must be > 0 when train.max_steps is 0")
     _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
     _check(t.clip >= 0, "train.clip", t.clip, "must be >= 0 (0 disables clipping)")
+    _check(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "a probability in [0, 1), e.g. 0.1")
     _check(t.keep_last >= 1, "train.keep_last", t.keep_last, "keep at least 1 checkpoint")
     for key in ("eval_every", "save_every", "log_every"):
         _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "must be >= 0")

@@ -199,7 +199,8 @@ class Loop:
         for idx in self.sampler.rank_micro_batches(step, self.rank, self.world, self.cfg.train.micro_batch):
             batch = self._batch([self.task.train[i] for i in idx])
             labels = batch.pop("labels")
-            loss = objectives.loss_sum(self.eng(**batch).logits, labels, self.task.objective)
+            loss = objectives.loss_sum(self.eng(**batch).logits, labels, self.task.objective,
+                                       self.cfg.train.label_smoothing)
             self.eng.backward(loss * scale)
             self.eng.step()
             loss_sum += loss.item()

@@ -30,7 +30,7 @@ def tiny_lm():
 def test_generate_sharded_matches_generate_in_one_process():
     model = tiny_lm()
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [20]]
-    settings = evaluate.GenerationSettings(num_beams=2, max_new_tokens=6)
+    settings = evaluate.GenerationSettings(num_beams=2, length_penalty=0.9, max_new_tokens=6)
     outs = evaluate.generate_sharded(model, prompts, settings, pad_id=0, eos_id=0)
     assert len(outs) == 3 and all(len(o) <= 6 and 0 not in o for o in outs)
     for p, o in zip(prompts, outs):
@@ -55,6 +55,13 @@ def test_generation_metrics_per_task():
     assert set(web) == {"BLEU", "METEOR", "TER"} and web["TER"] == 0.0 and web["BLEU"] == pytest.approx(100.0)
     assert evaluate.generation_metrics("dart", ["the cat sat"], [["the cat sat on the mat"]])["TER"] == \
         pytest.approx(3 / 6)  # three deletions over a six-word reference
+
+
+def test_length_penalty_defaults_per_task():
+    penalty = {t: evaluate.task_settings(t, None).length_penalty for t in ("e2e", "web_nlg", "dart", "samsum")}
+    assert penalty == {"e2e": 0.9, "web_nlg": 0.8, "dart": 0.8, "samsum": 1.0}
+    given = evaluate.GenerationSettings(length_penalty=0.7)
+    assert evaluate.task_settings("dart", given).length_penalty == 0.7
 
 
 def test_results_table(tmp_path):
