@@ -229,6 +229,33 @@ def restore(ckpt: Path, model, optimizer, base_fp: dict) -> dict:
     return state
 
 
+def init_from(path: Path, model, base_fp: dict, heads: list[str]) -> Path:
+    """*Collective.* Start every trainable tensor outside the task head from another run's adapter.
+
+    The source must be on the same base (fingerprint) and hold each of those tensors at the same shape: a
+    partial or reshaped start would silently be another method. The head (and the optimizer) start fresh.
+    """
+    runs = complete(path / "checkpoints")
+    ckpt = path if (path / "manifest.json").is_file() else (runs[-1] if runs else None)
+    if ckpt is None:
+        raise CheckpointError(f"method.init_from={str(path)!r}: no checkpoint there; give a run directory or "
+                              f"one of its checkpoints/step-N directories")
+    check_fingerprint(verify(ckpt)["base"], base_fp, ckpt)
+    tensors = read_tensors(ckpt, "adapter.safetensors")
+    wanted = [(n, p) for n, p in model.named_parameters()
+              if p.requires_grad and not any(n.startswith(h + ".") for h in heads)]
+    for name, p in wanted:
+        if name not in tensors:
+            raise CheckpointError(f"method.init_from={str(path)!r}: {ckpt.name} has no {name} (it was trained "
+                                  f"with another method or targets); start from a run of the same method")
+        if tuple(tensors[name].shape) != zero.full_shape(p):
+            raise CheckpointError(f"method.init_from={str(path)!r}: {name} is {tuple(tensors[name].shape)} there, "
+                                  f"{zero.full_shape(p)} here; use the same method settings (r, targets)")
+    for name, p in wanted:
+        zero.set_master(p, tensors[name])
+    return ckpt
+
+
 def load_adapter(ckpt: Path, model, base_fp: dict | None = None) -> dict:
     """Single process, no DeepSpeed: put the trained tensors into an injected model; returns the manifest."""
     manifest = verify(ckpt)

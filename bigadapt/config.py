@@ -48,6 +48,9 @@ class MethodConfig:
     top_k: int = 2  # ft_top_k: fine-tune the last k layers (the paper's FTTop2)
     bitfit_subset: bool = False  # bitfit: only query and FFN-intermediate biases (BitFit's subset variant)
     adapter_drop: int = 0  # adapter_d: no adapters in the lowest n layers (AdapterDrop)
+    # start the method's tensors from another run's (a run dir or a step-N dir): the paper starts MRPC, RTE and
+    # STS-B from the MNLI LoRA. Same base and method shapes; the task head starts fresh. Ignored on resume.
+    init_from: str | None = None
 
 
 @dataclass

@@ -81,6 +81,10 @@ def run(cfg: RunConfig, resume: str | None = None) -> int:
     ckpt = checkpoint.find_resume(ckpt_root, resume, log=display.log)
     resumed = checkpoint.restore(ckpt, eng.module, optimizer, base_fp) if ckpt else {}
     start = resumed.get("step", 0)
+    if not ckpt and cfg.method.init_from:
+        source = checkpoint.init_from(Path(cfg.method.init_from), eng.module, base_fp,
+                                      targets.head_prefixes(eng.module))
+        display.log(f"method tensors start from {source} (task head fresh)")
 
     holdings = zero.rank_holdings(eng.module, optimizer)
     display.start_table(holdings, _trainable_rows(eng.module, cfg), engine.zero_stage(cfg, world), accumulation)
