@@ -100,7 +100,7 @@ def run(cfg: RunConfig, resume: str | None = None) -> int:
     total = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * sampler.steps_per_epoch))
     manifest = _manifest(cfg, base_fp, world)
     loop = Loop(cfg, eng, optimizer, task, sampler, total, run_dir, base_model.pad_id(eng.module), manifest,
-                train_s=resumed.get("train_s", 0.0))
+                train_s=resumed.get("train_s", 0.0), marks_done=resumed.get("marks_done"))
 
     step, outcome = loop.train(start, stop)
     if outcome == "preempted":
@@ -133,7 +133,8 @@ def _accounting_report(run_dir: Path, predicted: dict, eng, optimizer) -> None:
 
 
 class Loop:
-    def __init__(self, cfg, eng, optimizer, task, sampler, total, run_dir, pad, manifest, train_s=0.0):
+    def __init__(self, cfg, eng, optimizer, task, sampler, total, run_dir, pad, manifest, train_s=0.0,
+                 marks_done=None):
         self.cfg, self.eng, self.optimizer, self.task = cfg, eng, optimizer, task
         self.sampler, self.total, self.run_dir, self.pad = sampler, total, run_dir, pad
         self.manifest = manifest
@@ -141,12 +142,14 @@ class Loop:
         self.device = eng.device
         self.started = time.time()
         self.train_s = train_s  # the training clock: seconds spent in steps, over all resumes
-        self.marks_done = sum(1 for m in cfg.train.eval_at_s if m <= train_s)
+        # marks evaluated so far; a preemption at a mark's boundary leaves it for the resumed run to evaluate
+        self.marks_done = marks_done if marks_done is not None else sum(m <= train_s for m in cfg.train.eval_at_s)
 
     def state(self, step: int) -> dict:
         return {"step": step, "optimizer_step": step, "samples_seen": step * self.cfg.train.batch_size,
                 "world_size_at_save": self.world, "seed": self.cfg.train.seed,
-                "elapsed_s": round(time.time() - self.started, 3), "train_s": round(self.train_s, 3)}
+                "elapsed_s": round(time.time() - self.started, 3), "train_s": round(self.train_s, 3),
+                "marks_done": self.marks_done}
 
     def train(self, start: int, stop: StopRequest) -> tuple[int, str]:
         t = self.cfg.train
@@ -155,9 +158,12 @@ class Loop:
             bar.start()
         try:
             for step in range(start, self.total):
-                should_stop, marks = self._agree(stop)  # every rank stops and evaluates at the same boundary
-                if should_stop:  # a mark passed here is covered by the final eval
-                    return step, "preempted" if stop.signal else "time budget"
+                preempted, over, marks = self._agree(stop)  # every rank stops and evaluates at the same boundary
+                if preempted:  # a mark passed here is evaluated by the resumed run (marks_done is saved)
+                    return step, "preempted"
+                if over:
+                    self.marks_done = marks  # the final eval, at this same step, stands for them
+                    return step, "time budget"
                 if marks > self.marks_done:
                     self.marks_done = marks
                     self.evaluate(step)
@@ -178,15 +184,15 @@ class Loop:
             if bar:
                 bar.stop()
 
-    def _agree(self, stop: StopRequest) -> tuple[bool, int]:
-        """*Collective.* (stop now?, eval marks passed) as the most advanced rank sees them: clocks differ a
-        little between ranks, and a stop or an eval must happen on all of them at the same step."""
+    def _agree(self, stop: StopRequest) -> tuple[bool, bool, int]:
+        """*Collective.* (preempted?, budget spent?, eval marks passed) as the most advanced rank sees them:
+        a signal may reach one rank only and clocks differ a little, but every rank must stop, save or
+        evaluate at the same step, for the same reason."""
         t = self.cfg.train
         over = bool(t.time_budget_s and self.train_s >= t.time_budget_s)
-        marks = sum(1 for m in t.eval_at_s if m <= self.train_s)
-        # two numbers in one max-reduction: marks < 1e6, so stop dominates without being lost
-        packed = zero.all_reduce_max(float(stop.signal is not None or over) * 1e6 + marks)
-        return packed >= 1e6, int(packed % 1e6)
+        marks = sum(m <= self.train_s for m in t.eval_at_s)
+        signal, over, marks = zero.all_reduce_max_list([stop.signal is not None, over, marks])
+        return bool(signal), bool(over), int(marks)
 
     def step(self, step: int) -> dict:
         t0 = time.time()

@@ -211,13 +211,14 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def all_reduce_max(flag: float) -> float:
-    """*Collective.* Used to agree on stop requests: any rank's signal stops every rank."""
+def all_reduce_max_list(values: list[float]) -> list[float]:
+    """*Collective.* Element-wise max over ranks in one reduction: how ranks agree on stop requests (any rank's
+    signal stops every rank), a spent budget and eval marks."""
     if world_size() == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=_comm_device())
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return t.tolist()
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
