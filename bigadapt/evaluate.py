@@ -136,6 +136,17 @@ def generation_metrics(task: str, hypotheses: list[str], references: list[list[s
     return metrics.e2e_metrics(hypotheses, references)
 
 
+def grouped_metrics(task: str, hypotheses: list[str], references: list[list[str]],
+                    groups: list[str]) -> dict[str, float]:
+    """The task's metrics over each group of examples, keyed METRIC_GROUP (WebNLG: BLEU_S, TER_U, ...)."""
+    out = {}
+    for g in sorted(set(groups)):
+        idx = [i for i, x in enumerate(groups) if x == g]
+        part = generation_metrics(task, [hypotheses[i] for i in idx], [references[i] for i in idx])
+        out.update({f"{k}_{g}": v for k, v in part.items()})
+    return out
+
+
 # ---------------------------------------------------------------- a trained run
 
 @torch.no_grad()
@@ -182,7 +193,13 @@ def evaluate_model(model, cfg, split: str, limit: int = 0, settings: GenerationS
         return {}
     hyps = [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
     refs = [r for _, r in pairs]
-    return {"n": len(pairs), "metrics": generation_metrics(task, hyps, refs), "generation": asdict(settings),
+    scores = generation_metrics(task, hyps, refs)
+    if task == "web_nlg":  # Table 14: also over the categories seen in training (S) and the others (U)
+        category = tasks.source_categories(task, split, cfg)
+        seen = set(tasks.source_categories(task, "train", cfg).values())
+        groups = ["S" if category.get(src) in seen else "U" for src, _ in pairs]
+        scores.update(grouped_metrics(task, hyps, refs, groups))
+    return {"n": len(pairs), "metrics": scores, "generation": asdict(settings),
             "samples": [{"source": s, "output": h, "reference": r[0]} for (s, r), h in zip(pairs[:3], hyps)]}
 
 

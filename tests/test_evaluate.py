@@ -57,6 +57,15 @@ def test_generation_metrics_per_task():
         pytest.approx(3 / 6)  # three deletions over a six-word reference
 
 
+def test_webnlg_seen_and_unseen_groups():
+    hyps = ["the cat sat", "a dog ran", "birds fly high"]
+    refs = [["the cat sat"], ["a dog ran fast"], ["birds fly"]]
+    out = evaluate.grouped_metrics("web_nlg", hyps, refs, ["S", "U", "S"])
+    seen = evaluate.generation_metrics("web_nlg", [hyps[0], hyps[2]], [refs[0], refs[2]])
+    assert out["TER_S"] == seen["TER"] == pytest.approx(1 / 5)  # one insertion over five reference words
+    assert out["TER_U"] == pytest.approx(1 / 4) and set(out) == {f"{m}_{g}" for m in seen for g in "SU"}
+
+
 def test_length_penalty_defaults_per_task():
     penalty = {t: evaluate.task_settings(t, None).length_penalty for t in ("e2e", "web_nlg", "dart", "samsum")}
     assert penalty == {"e2e": 0.9, "web_nlg": 0.8, "dart": 0.8, "samsum": 1.0}

@@ -225,6 +225,15 @@ def generation_pairs(task: str, split: str, cfg) -> Pairs:
     return list(grouped.items())
 
 
+def source_categories(task: str, split: str, cfg) -> dict[str, str]:
+    """WebNLG: source -> its DBpedia category (the rows' `category`), for Table 14's seen/unseen split."""
+    if task != "web_nlg":
+        return {}
+    name, config, convert = _HUB_NLG[task]
+    return {convert(row)[0]: row.get("category", "") for row in
+            _hub(task, name, config, _HF_SPLITS.get(split, split), cfg.data.path)}
+
+
 def _encode_texts(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
     if getattr(tokenizer, "is_fallback", False):
         return [tokenizer.encode(t, add_special_tokens=special) for t in texts]

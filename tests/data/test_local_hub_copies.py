@@ -45,6 +45,15 @@ def test_per_split_json_lines(tmp_path, task):
     assert len(data.eval) == len(generation_pairs(task, "dev", cfg)[0][1])
 
 
+def test_webnlg_categories_for_seen_and_unseen(tmp_path):
+    from bigadapt.data.tasks import source_categories
+    row = dict(ROWS["web_nlg"][0], category="City")
+    _write_jsonl(tmp_path, "train", [row])
+    cats = source_categories("web_nlg", "train", cfg_for("web_nlg", "causal_lm", path=str(tmp_path)))
+    assert cats == {SOURCES["web_nlg"][0]: "City"}
+    assert source_categories("dart", "train", cfg_for("dart", "causal_lm", path=str(tmp_path))) == {}
+
+
 def test_saved_dataset_dict(tmp_path):
     import datasets
     rows = ROWS["samsum"] * 3
