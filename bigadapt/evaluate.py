@@ -155,8 +155,9 @@ def classify(model, examples: list[dict], pad_id: int, batch: int = 32) -> list[
     preds: list[float] = []
     for i in range(0, len(examples), batch):
         b = collate(examples[i:i + batch], "seq_cls", pad_id)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        preds += [p for p, _ in predictions(logits, b["labels"], "seq_cls")]
+        labels = b.pop("labels")
+        logits = model(**b).logits
+        preds += [p for p, _ in predictions(logits, labels, "seq_cls")]
     return preds
 
 

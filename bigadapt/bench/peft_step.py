@@ -1,13 +1,17 @@
 """One side of the LoRA-vs-PEFT step-time benchmark, run on every rank by the deepspeed launcher.
 
 Both sides share the base, DeepSpeed config, optimizer, data and training step; only the LoRA
-implementation differs (bigadapt's LoRA module vs huggingface/peft's LoraModel).
+implementation differs (bigadapt's LoRA module vs huggingface/peft's LoraModel). Both adapters start from the
+same A (drawn here, per wrapped module in model order) and B = 0, so the two loss curves must agree step by step;
+at the end each side writes its adapter file as it would for a user (bigadapt: the trainable tensors in
+safetensors; peft: `save_pretrained`) and the bytes are reported.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import tempfile
 import time
 
 import torch
@@ -34,7 +38,7 @@ def build(args):
     cfg = config_from_dict({
         "model": {"arch": ARCHS[args.arch], "objective": "causal_lm"},
         "method": {"r": args.r, "alpha": 2 * args.r, "targets": ours},
-        "train": {"batch_size": args.micro_batch * world, "micro_batch": args.micro_batch, "lr": 1e-4},
+        "train": {"batch_size": args.micro_batch * world, "micro_batch": args.micro_batch, "lr": args.lr},
         "zero": {"stage": args.stage, "param_persistence_threshold": args.persistence},
     })
     conf = engine.ds_config(cfg, world, 1)
@@ -47,8 +51,40 @@ def build(args):
         model.requires_grad_(False)
         model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=theirs,
                                                  lora_dropout=0.0, fan_in_fan_out=args.arch.startswith("gpt2")))
+    same_start(model)
     eng, _ = engine.initialize(model, cfg, conf)
     return eng, cfg
+
+
+def same_start(model) -> None:
+    """A from one seeded draw per wrapped module (model order, which both libraries keep), B = 0. Runs before
+    DeepSpeed partitions the new tensors, so plain copies reach every rank alike."""
+    g = torch.Generator().manual_seed(1234)
+    a = [q for n, q in model.named_parameters() if "lora_A" in n]
+    b = [q for n, q in model.named_parameters() if "lora_B" in n]
+    with torch.no_grad():
+        for q in a:
+            q.copy_(torch.randn(q.shape, generator=g) / q.shape[-1] ** 0.5)
+        for q in b:
+            q.zero_()
+
+
+def adapter_bytes(eng, impl: str, directory: str) -> int:
+    """*Collective.* Bytes of the adapter file each library writes for its user (rank 0 writes)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    params = [q for q in eng.module.parameters() if q.requires_grad]
+    with zero.gathered(params):
+        if zero.rank() != 0:
+            return 0
+        if impl == "bigadapt":
+            path = Path(directory) / "adapter.safetensors"
+            save_file({n: q.detach().float().cpu().contiguous() for n, q in eng.module.named_parameters()
+                       if q.requires_grad}, str(path))
+            return path.stat().st_size
+        eng.module.save_pretrained(directory)
+        return (Path(directory) / "adapter_model.safetensors").stat().st_size
 
 
 def main() -> None:
@@ -60,6 +96,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--r", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--stage", type=int, default=3)
     p.add_argument("--persistence", type=int, default=100_000)
     p.add_argument("--out", required=True)
@@ -80,15 +117,19 @@ def main() -> None:
         cpu.append(time.process_time() - c0)
         losses.append(loss.item())
     trainable = sum(zero.full_numel(q) for q in eng.module.parameters() if q.requires_grad)
+    with tempfile.TemporaryDirectory() as tmp:
+        nbytes = adapter_bytes(eng, args.impl, tmp)
+    # every rank's losses: the comparison is per rank and step (each rank has its own data)
     result = {"impl": args.impl, "median_step_s": statistics.median(times[args.warmup:]),
               "median_step_cpu_s": statistics.median(cpu[args.warmup:]),
-              "peak_rss_mb": memory_mb(), "first_loss": losses[0], "trainable": trainable,
-              "adapter_bytes_fp32": 4 * trainable, "world_size": zero.world_size(), "args": vars(args)}
+              "peak_rss_mb": memory_mb(), "first_loss": losses[0], "losses": losses, "trainable": trainable,
+              "adapter_bytes": nbytes, "world_size": zero.world_size(), "args": vars(args)}
     results = zero.all_gather_object(result)
     if zero.rank() == 0:
         result["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)  # the worst rank decides what fits
         result["median_step_s"] = max(r["median_step_s"] for r in results)
         result["median_step_cpu_s"] = max(r["median_step_cpu_s"] for r in results)
+        result["losses"] = [r["losses"] for r in results]
         with open(args.out, "w") as f:
             json.dump(result, f)
 

@@ -49,6 +49,11 @@ def collate(examples: list[dict], objective: str, pad_id: int) -> dict:
         ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
         mask[i, :len(e["input_ids"])] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in examples[0]:
+        types = torch.zeros_like(ids)
+        for i, e in enumerate(examples):
+            types[i, :len(e["token_type_ids"])] = torch.tensor(e["token_type_ids"])
+        batch["token_type_ids"] = types
     if objective == "seq_cls":
         batch["labels"] = torch.tensor([e["label"] for e in examples])
     else:

@@ -160,9 +160,15 @@ def encode_glue(records: list[dict], tokenizer, seq_len: int, regression: bool) 
     a = [r["text_a"] for r in records]
     b = [r["text_b"] for r in records]
     pair = bool(records) and records[0]["text_b"] is not None
-    ids = tokenizer(a, b if pair else None, truncation=True, max_length=seq_len)["input_ids"]
-    return [{"input_ids": list(x), "label": float(r["label"]) if regression else int(r["label"])}
-            for x, r in zip(ids, records)]
+    enc = tokenizer(a, b if pair else None, truncation=True, max_length=seq_len)
+    out = [{"input_ids": list(x), "label": float(r["label"]) if regression else int(r["label"])}
+           for x, r in zip(enc["input_ids"], records)]
+    # BERT-style models embed the segment of each token (0 = first sentence, 1 = second); tokenizers of
+    # models without segments (RoBERTa, GPT-2) return none
+    if pair and "token_type_ids" in enc:
+        for e, types in zip(out, enc["token_type_ids"]):
+            e["token_type_ids"] = list(types)
+    return out
 
 
 def glue_builder(name: str) -> Callable:

@@ -113,3 +113,21 @@ def test_every_registered_task_and_config_loads():
     tasks = {load_config(f).data.task for f in files}
     assert {"glue/mrpc", "glue/cola", "glue/stsb", "glue/rte", "glue/sst2", "glue/mnli", "e2e", "wikisql",
             "samsum"} <= tasks
+
+
+def test_bert_sentence_pairs_carry_segment_ids(tmp_path):
+    """BERT embeds which sentence each token belongs to; pairs must reach the model with token_type_ids."""
+    from transformers import BertTokenizerFast
+
+    from bigadapt.data.batching import collate
+    from bigadapt.data.tasks import encode_glue
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat",
+                                                   "sat", "a", "dog"]))
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    pairs = encode_glue([{"text_a": "the cat", "text_b": "a dog sat", "label": 1},
+                         {"text_a": "cat", "text_b": "dog", "label": 0}], tok, 16, False)
+    assert pairs[0]["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1, 1]  # [CLS] the cat [SEP] | a dog sat [SEP]
+    batch = collate(pairs, "seq_cls", pad_id=0)
+    assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0, 0]]
+    single = encode_glue([{"text_a": "the cat", "text_b": None, "label": 0}], tok, 16, False)
+    assert "token_type_ids" not in single[0] and "token_type_ids" not in collate(single, "seq_cls", 0)
