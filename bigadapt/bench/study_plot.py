@@ -19,10 +19,13 @@ def _series(rows: list[dict], task: str, metric: str) -> dict[tuple[str, float],
     return out
 
 
-def _panel(x0: int, task: str, metric: str, series: dict, fractions: list[float]) -> list[str]:
+def _panel(x0: int, task: str, metric: str, series: dict, fractions: list[float],
+           baseline: float | None = None) -> list[str]:
     pts = [p for s in series.values() for p in s]
     if not pts:
         return []
+    if baseline is not None:
+        pts = pts + [(pts[0][0], baseline)]  # keep the reference line inside the panel
     xmax = max(x for x, _ in pts)
     ylo, yhi = min(y for _, y in pts), max(y for _, y in pts)
     ylo, yhi = (ylo - 0.05, yhi + 0.05) if yhi - ylo < 1e-9 else (ylo - 0.05 * (yhi - ylo), yhi + 0.05 * (yhi - ylo))
@@ -43,6 +46,10 @@ def _panel(x0: int, task: str, metric: str, series: dict, fractions: list[float]
         el.append(f'<text x="{sx(x):.1f}" y="{H - PAD_B + 14}" text-anchor="middle">{x:g}</text>')
     el.append(f'<text x="{x0 + PAD_L + (W - PAD_L - PAD_R) / 2}" y="{H - 4}" text-anchor="middle">'
               f'training budget (s)</text>')
+    if baseline is not None:
+        el.append(f'<line x1="{x0 + PAD_L}" y1="{sy(baseline):.1f}" x2="{x0 + W - PAD_R}" y2="{sy(baseline):.1f}" '
+                  f'stroke="#aaa" stroke-dasharray="1,3"/><text x="{x0 + W - PAD_R - 2}" y="{sy(baseline) - 3:.1f}" '
+                  f'text-anchor="end" fill="#888">no skill</text>')
     for (method, fraction), s in sorted(series.items()):
         if not s:
             continue
@@ -55,7 +62,8 @@ def _panel(x0: int, task: str, metric: str, series: dict, fractions: list[float]
     return el
 
 
-def plot(rows: list[dict], main_metric: dict[str, str]) -> str:
+def plot(rows: list[dict], main_metric: dict[str, str], baselines: dict[str, float] | None = None) -> str:
+    """`baselines`: a dotted reference per task (what predicting the majority class scores)."""
     tasks = [t for t in main_metric if any(r["task"] == t for r in rows)]
     fractions = sorted({r["fraction"] for r in rows}, reverse=True)
     methods = sorted({r["method"] for r in rows})
@@ -64,7 +72,8 @@ def plot(rows: list[dict], main_metric: dict[str, str]) -> str:
     el = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
           f'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
     for i, task in enumerate(tasks):
-        el += _panel(i * W, task, main_metric[task], _series(rows, task, main_metric[task]), fractions)
+        el += _panel(i * W, task, main_metric[task], _series(rows, task, main_metric[task]), fractions,
+                     (baselines or {}).get(task))
     y = H + 14
     for m in methods:
         el.append(f'<line x1="{PAD_L}" y1="{y - 4}" x2="{PAD_L + 30}" y2="{y - 4}" stroke="{COLORS.get(m, "#9467bd")}" '
