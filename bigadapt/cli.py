@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-repeat-ngram-size", type=int, default=4)
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--batch-size", type=int, default=1, help="prompts per generate call")
+    ev.add_argument("--merged", action="store_true",
+                    help="fold the adapter into the base first (LoRA, BitFit), as deployed; writes eval-<split>-merged.json")
     rs = sub.add_parser("results", help="a Markdown table of the eval-*.json files of runs")
     rs.add_argument("runs", nargs="+")
     from .estimate_cli import add_args as _estimate_args
@@ -109,7 +111,7 @@ def _dispatch(args) -> int:
             return 0
         settings = evaluate.GenerationSettings(args.beams, args.length_penalty, args.no_repeat_ngram_size,
                                                args.max_new_tokens, args.batch_size)
-        result = evaluate.evaluate_run(args.run, args.split, args.limit, settings)
+        result = evaluate.evaluate_run(args.run, args.split, args.limit, settings, args.merged)
         print(" ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()), f"(n={result['n']}, {args.split})")
         return 0
     if args.command == "bench" and args.what == "study":

@@ -205,13 +205,21 @@ def evaluate_model(model, cfg, split: str, limit: int = 0, settings: GenerationS
 
 
 def evaluate_run(run: str | Path, split: str = "dev", limit: int = 0,
-                 settings: GenerationSettings | None = None) -> dict:
-    """Rebuild the trained model on the CPU, score it, and write RUN/eval-<split>.json."""
+                 settings: GenerationSettings | None = None, merged: bool = False) -> dict:
+    """Rebuild the trained model on the CPU, score it, and write RUN/eval-<split>.json (eval-<split>-merged.json
+    when `merged`: the adapter folded into the base first, as deployed — no extra latency; methods that cannot
+    merge say why in one line)."""
+    from . import methods
     from .export import load_trained
     model, manifest, cfg = load_trained(run)
-    result = {"run": str(run), "task": cfg.data.task, "method": cfg.method.name, "split": split,
+    if merged:
+        method = methods.get(cfg.method.name)
+        method.merge(model)
+        if hasattr(method, "unwrap"):
+            method.unwrap(model)
+    result = {"run": str(run), "task": cfg.data.task, "method": cfg.method.name, "split": split, "merged": merged,
               "step": manifest.get("step"), "limit": limit, **evaluate_model(model, cfg, split, limit, settings)}
-    out = _run_dir(Path(run)) / f"eval-{split}.json"
+    out = _run_dir(Path(run)) / f"eval-{split}{'-merged' if merged else ''}.json"
     out.write_text(json.dumps(result, indent=1))
     return result
 
@@ -233,8 +241,9 @@ def results_table(runs: list[str | Path]) -> str:
         trainable = json.loads(layout.read_text()).get("trainable_numel_total") if layout.is_file() else None
         for f in sorted(run.glob("eval-*.json")):
             r = json.loads(f.read_text())
+            split = r.get("split", "") + (" (merged)" if r.get("merged") else "")
             rows.append((run.name, r.get("task", ""), r.get("method", cfg.get("method", {}).get("name", "")),
-                         trainable, r.get("split", ""), r.get("metrics", {})))
+                         trainable, split, r.get("metrics", {})))
             names += [k for k in r.get("metrics", {}) if k not in names]
     head = ["run", "task", "method", "trainable", "split", *names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -64,10 +64,15 @@ def test_glue_and_e2e_under_zero3_then_eval(tmp_path):
     result = json.loads((e2e / "eval-dev.json").read_text())
     assert set(result["metrics"]) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
     assert result["n"] == 2 and result["generation"]["num_beams"] == 2 and len(result["samples"]) == 2
+    # the same beams from the merged model (the adapter folded into c_attn), as deployed
+    check(run_cli("eval", str(e2e), "--limit", "2", "--beams", "2", "--max-new-tokens", "8", "--merged"))
+    merged = json.loads((e2e / "eval-dev-merged.json").read_text())
+    assert merged["merged"] and [s["output"] for s in merged["samples"]] == [s["output"] for s in result["samples"]]
+    assert merged["metrics"] == pytest.approx(result["metrics"])
 
     table = check(run_cli("results", str(mrpc), str(e2e))).stdout.splitlines()
     assert table[0].startswith("| run | task | method | trainable | split | accuracy | f1 | BLEU")
-    assert len(table) == 4
+    assert len(table) == 5 and sum("| dev (merged) |" in line for line in table) == 1
 
 
 def test_generate_sharded_two_ranks(tmp_path):
