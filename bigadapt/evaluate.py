@@ -209,14 +209,10 @@ def evaluate_run(run: str | Path, split: str = "dev", limit: int = 0,
     """Rebuild the trained model on the CPU, score it, and write RUN/eval-<split>.json (eval-<split>-merged.json
     when `merged`: the adapter folded into the base first, as deployed — no extra latency; methods that cannot
     merge say why in one line)."""
-    from . import methods
-    from .export import load_trained
+    from .export import fold, load_trained
     model, manifest, cfg = load_trained(run)
     if merged:
-        method = methods.get(cfg.method.name)
-        method.merge(model)
-        if hasattr(method, "unwrap"):
-            method.unwrap(model)
+        fold(model, cfg)
     result = {"run": str(run), "task": cfg.data.task, "method": cfg.method.name, "split": split, "merged": merged,
               "step": manifest.get("step"), "limit": limit, **evaluate_model(model, cfg, split, limit, settings)}
     out = _run_dir(Path(run)) / f"eval-{split}{'-merged' if merged else ''}.json"

@@ -87,13 +87,18 @@ def _full_B(m) -> torch.Tensor:
     return B
 
 
-def merged(path: str | Path, out: str | Path) -> int:
-    """The trained model as a plain Hugging Face directory; methods that cannot merge say why (one line)."""
-    model, manifest, cfg = load_trained(path)
+def fold(model, cfg) -> None:
+    """Fold the trained method into the base weights and drop its wrappers; methods that cannot merge say why."""
     method = methods.get(cfg.method.name)
     method.merge(model)
     if hasattr(method, "unwrap"):
         method.unwrap(model)
+
+
+def merged(path: str | Path, out: str | Path) -> int:
+    """The trained model as a plain Hugging Face directory; methods that cannot merge say why (one line)."""
+    model, manifest, cfg = load_trained(path)
+    fold(model, cfg)
     model.requires_grad_(False)
     model.save_pretrained(out)
     print(f"wrote merged model {out} (step {manifest['step']}, base {manifest['base']['model_type']})")
