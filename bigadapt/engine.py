@@ -29,11 +29,20 @@ def init_distributed() -> None:
 
 
 def _leave_group() -> None:
-    """At interpreter exit: a process group left to Python's teardown can abort a rank after a run that
-    succeeded (gloo's threads outliving the interpreter: 'terminate called without an active exception').
-    No barrier: after an error, ranks reach exit at different points."""
+    """At interpreter exit, while Python is still whole: a rank must not abort after a run that succeeded.
+
+    A gloo worker thread frees a finished collective's tensors *after* the caller's wait() has returned, and
+    needs the GIL to do it. A rank that exits right after its last collective (rank 1 after the accounting
+    gather) can reach interpreter finalization first; the worker then takes the GIL during finalization,
+    Python ends the thread mid-unwind and C++ aborts the process ('terminate called without an active
+    exception', exit -6; seen in core dumps: ~AsyncAllgatherWork in ProcessGroupGloo::runLoop). Sleeping
+    releases the GIL so such a thread finishes first. No barrier: after an error, ranks reach exit at
+    different points."""
+    import time
+
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        time.sleep(0.2)
         dist.destroy_process_group()
 
 
