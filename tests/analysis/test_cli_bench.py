@@ -20,3 +20,17 @@ def test_latency_smoke_reports_every_variant():
 def test_cells_parse():
     assert latency.parse_cells("table1") == [(32, 512), (16, 256), (1, 128)]
     assert len(latency.parse_cells("fig5")) == 18 and latency.parse_cells("4x64") == [(4, 64)]
+
+
+def test_throughput_smoke_times_every_phase_of_both_sides():
+    from bigadapt.bench import throughput
+    result = throughput.main(["--layers", "1", "--scale", "0.0625", "--batch", "2", "--seq", "8", "--steps", "2",
+                              "--warmup", "1", "--r", "2"])
+    d = result["arch"]["n_embd"]
+    # LoRA on q and v of one layer: A (r x d) and B (d x r) each; full trains every base tensor
+    assert result["trainable"]["lora"] == 2 * (2 * d + d * 2)
+    assert result["trainable"]["full"] > 100 * result["trainable"]["lora"]
+    for side in ("lora", "full"):
+        m = result["median_s"][side]
+        assert set(m) == {"forward", "backward", "optimizer", "step"} and min(m.values()) > 0
+        assert max(m["forward"], m["backward"], m["optimizer"]) <= m["step"]  # each phase is part of its step
