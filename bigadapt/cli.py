@@ -62,7 +62,8 @@ def parser() -> argparse.ArgumentParser:
     _submit_args(sub.add_parser("submit", help="submit a run to SLURM (job array for --sweep)"))
     st = sub.add_parser("status", help="job state and progress of a run directory")
     st.add_argument("run")
-    b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
+    # no abbreviations: the rest goes to the bench itself (its --r is not this parser's --ranks or --rounds)
+    b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios", allow_abbrev=False)
     b.add_argument("what", choices=["peft", "latency", "throughput", "study"],
                    help="peft: LoRA training step vs huggingface/peft + DeepSpeed; latency: Table 1 forward latency; "
                         "throughput: LoRA vs full FT step time; study: BitFit/adapters/LoRA/full across data "

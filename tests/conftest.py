@@ -61,7 +61,9 @@ def zero3_engine(**sections):
 def env() -> dict:
     e = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
              PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # the venv's ninja: no JIT rebuilds
-    e.pop("RANK", None)
+    # a launch's own rendezvous: nothing inherited from a process group this process (or its parent) joined
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(key, None)
     # DeepSpeed JIT-builds its CPU comm op into torch's extension cache: one cache per environment, so a second
     # checkout's venv on the same machine cannot rebuild it under this run's ranks
     e.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))

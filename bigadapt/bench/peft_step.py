@@ -1,7 +1,8 @@
 """One side of the LoRA-vs-PEFT step-time benchmark, run on every rank by the deepspeed launcher.
 
 Both sides share the base, DeepSpeed config, optimizer, data and training step; only the LoRA
-implementation differs (bigadapt's LoRA module vs huggingface/peft's LoraModel). Both adapters start from the
+implementation differs. A third side, `floor`, trains only each block's first norm: the same backward through
+every layer and the same ZeRO-3 gathers with no adapter compute, the step no LoRA implementation can beat (bigadapt's LoRA module vs huggingface/peft's LoraModel). Both adapters start from the
 same A (drawn here, per wrapped module in model order) and B = 0, so the two loss curves must agree step by step;
 at the end each side writes its adapter file as it would for a user (bigadapt: the trainable tensors in
 safetensors; peft: `save_pretrained`) and the bytes are reported.
@@ -46,6 +47,12 @@ def build(args):
     model = base_model.build_base(cfg.model, 0)
     if args.impl == "bigadapt":
         methods.apply(model, cfg)
+    elif args.impl == "floor":
+        # no adapter compute, the same gradient path: each block's first norm (just before the adapted
+        # projections) trains, so backward still runs through every layer and ZeRO-3 re-gathers the same base
+        model.requires_grad_(False)
+        for n, q in model.named_parameters():
+            q.requires_grad = n.endswith((".ln_1.weight", ".input_layernorm.weight"))
     else:
         from peft import LoraConfig, get_peft_model
         model.requires_grad_(False)
@@ -78,7 +85,7 @@ def adapter_bytes(eng, impl: str, directory: str) -> int:
     with zero.gathered(params):
         if zero.rank() != 0:
             return 0
-        if impl == "bigadapt":
+        if impl != "peft":
             path = Path(directory) / "adapter.safetensors"
             save_file({n: q.detach().float().cpu().contiguous() for n, q in eng.module.named_parameters()
                        if q.requires_grad}, str(path))
@@ -89,7 +96,7 @@ def adapter_bytes(eng, impl: str, directory: str) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--impl", choices=["bigadapt", "peft"], required=True)
+    p.add_argument("--impl", choices=["bigadapt", "peft", "floor"], required=True)
     p.add_argument("--arch", choices=sorted(ARCHS), default="gpt2-small")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)

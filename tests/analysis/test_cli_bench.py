@@ -1,8 +1,12 @@
 """The `analyze` wiring and a tiny latency smoke run (no timing is asserted)."""
 from __future__ import annotations
 
+import json
+
 from bigadapt import cli
 from bigadapt.bench import latency
+
+from ..conftest import check, run_cli
 
 
 def test_analyze_wrong_number_of_runs_is_a_user_error(capsys):
@@ -22,10 +26,12 @@ def test_cells_parse():
     assert len(latency.parse_cells("fig5")) == 18 and latency.parse_cells("4x64") == [(4, 64)]
 
 
-def test_throughput_smoke_times_every_phase_of_both_sides():
-    from bigadapt.bench import throughput
-    result = throughput.main(["--layers", "1", "--scale", "0.0625", "--batch", "2", "--seq", "8", "--steps", "2",
-                              "--warmup", "1", "--r", "2"])
+def test_throughput_smoke_times_every_phase_of_both_sides(tmp_path):
+    # through the CLI in its own process: the bench joins a (one-rank) process group, which must not outlive it
+    out = tmp_path / "throughput.json"
+    check(run_cli("bench", "throughput", "--json", str(out), "--layers", "1", "--scale", "0.0625", "--batch", "2",
+                  "--seq", "8", "--steps", "2", "--warmup", "1", "--r", "2"))
+    result = json.loads(out.read_text())
     d = result["arch"]["n_embd"]
     # LoRA on q and v of one layer: A (r x d) and B (d x r) each; full trains every base tensor
     assert result["trainable"]["lora"] == 2 * (2 * d + d * 2)
