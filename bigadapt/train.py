@@ -148,7 +148,7 @@ class Loop:
     def state(self, step: int) -> dict:
         return {"step": step, "optimizer_step": step, "samples_seen": step * self.cfg.train.batch_size,
                 "world_size_at_save": self.world, "seed": self.cfg.train.seed,
-                "elapsed_s": round(time.time() - self.started, 3), "train_s": round(self.train_s, 3),
+                "elapsed_s": round(time.time() - self.started, 3), "train_s": self.train_s,
                 "marks_done": self.marks_done}
 
     def train(self, start: int, stop: StopRequest) -> tuple[int, str]:
@@ -219,7 +219,7 @@ class Loop:
         dt = time.time() - t0
         self.train_s += dt
         return {"step": step + 1, "loss": total_loss, "lr": lr, "samples": (step + 1) * self.cfg.train.batch_size,
-                "step_s": round(dt, 4), "train_s": round(self.train_s, 3), "tokens_per_s": tokens / dt,
+                "step_s": round(dt, 4), "train_s": self.train_s, "tokens_per_s": tokens / dt,
                 "mem_mb": round(display.memory_mb(), 1)}
 
     @torch.no_grad()
@@ -249,7 +249,7 @@ class Loop:
                 outputs += evaluate.predictions(logits, labels, self.task.objective)
         loss, terms, right, n = zero.all_reduce_sum(sums)
         self.eng.train()
-        result = {"step": step, "split": "eval", "train_s": round(self.train_s, 3), "eval_loss": loss / max(terms, 1)}
+        result = {"step": step, "split": "eval", "train_s": self.train_s, "eval_loss": loss / max(terms, 1)}
         if n:
             result["accuracy"] = right / n
         result.update(evaluate.task_metrics(self.cfg.data.task, outputs))  # collective for GLUE tasks
