@@ -17,6 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+SIDES = ("bigadapt", "peft", "floor")  # floor: the same step with no adapter compute (see peft_step)
+
 
 def run_side(impl: str, ranks: int, extra: list[str], out: Path) -> dict:
     launcher = Path(sys.executable).parent / "deepspeed"
@@ -30,11 +32,10 @@ def run_side(impl: str, ranks: int, extra: list[str], out: Path) -> dict:
 
 
 def compare(ranks: int = 2, rounds: int = 2, extra: list[str] = ()) -> dict:
-    results: dict[str, list[dict]] = {"bigadapt": [], "peft": [], "floor": []}
-    order = ("bigadapt", "peft", "floor")
+    results: dict[str, list[dict]] = {impl: [] for impl in SIDES}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(rounds):
-            for impl in order if i % 2 == 0 else order[::-1]:
+            for impl in SIDES if i % 2 == 0 else SIDES[::-1]:
                 results[impl].append(run_side(impl, ranks, list(extra), Path(tmp) / f"{impl}-{i}.json"))
     summary = {impl: {"median_step_s": statistics.median(r["median_step_s"] for r in rs),
                       "median_step_cpu_s": statistics.median(r["median_step_cpu_s"] for r in rs),
@@ -63,7 +64,7 @@ def report(s: dict) -> None:
     for col in ("", "median step (s)", "CPU per step (s)", "peak memory (MiB)", "trainable params", "adapter file",
                 "initial loss", "final loss"):
         t.add_column(col, justify="right")
-    for impl in ("bigadapt", "peft", "floor"):
+    for impl in SIDES:
         r = s[impl]
         t.add_row(impl, f"{r['median_step_s']:.4f}", f"{r['median_step_cpu_s']:.4f}", f"{r['peak_rss_mb']:.0f}",
                   f"{r['trainable']:,}", f"{r['adapter_bytes']:,} B", f"{r['first_loss']:.6f}",

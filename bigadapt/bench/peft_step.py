@@ -1,8 +1,9 @@
 """One side of the LoRA-vs-PEFT step-time benchmark, run on every rank by the deepspeed launcher.
 
 Both sides share the base, DeepSpeed config, optimizer, data and training step; only the LoRA
-implementation differs. A third side, `floor`, trains only each block's first norm: the same backward through
-every layer and the same ZeRO-3 gathers with no adapter compute, the step no LoRA implementation can beat (bigadapt's LoRA module vs huggingface/peft's LoraModel). Both adapters start from the
+implementation differs (bigadapt's LoRA module vs huggingface/peft's LoraModel). A third side, `floor`, trains
+only each block's first norm: the same backward through every layer and the same ZeRO-3 gathers with no adapter
+compute, the step no LoRA implementation can beat. Both adapters start from the
 same A (drawn here, per wrapped module in model order) and B = 0, so the two loss curves must agree step by step;
 at the end each side writes its adapter file as it would for a user (bigadapt: the trainable tensors in
 safetensors; peft: `save_pretrained`) and the bytes are reported.
@@ -31,6 +32,8 @@ ARCHS = {
 }
 # the same modules on both sides (PEFT has no per-slice LoRA on GPT-2's fused c_attn)
 TARGETS = {"gpt2-small": (["attn.c_attn"], ["c_attn"]), "llama-small": (["q", "v"], ["q_proj", "v_proj"])}
+# the floor side's only trainable tensors: each block's first norm, just before the adapted projections
+FLOOR = {"gpt2-small": ".ln_1.weight", "llama-small": ".input_layernorm.weight"}
 
 
 def build(args):
@@ -48,11 +51,10 @@ def build(args):
     if args.impl == "bigadapt":
         methods.apply(model, cfg)
     elif args.impl == "floor":
-        # no adapter compute, the same gradient path: each block's first norm (just before the adapted
-        # projections) trains, so backward still runs through every layer and ZeRO-3 re-gathers the same base
-        model.requires_grad_(False)
+        # no adapter compute, the same gradient path: backward still runs through every layer and ZeRO-3
+        # re-gathers the same base
         for n, q in model.named_parameters():
-            q.requires_grad = n.endswith((".ln_1.weight", ".input_layernorm.weight"))
+            q.requires_grad = n.endswith(FLOOR[args.arch])
     else:
         from peft import LoraConfig, get_peft_model
         model.requires_grad_(False)

@@ -49,7 +49,6 @@ def step(eng, x: torch.Tensor) -> dict[str, float]:
     eng.backward(loss)
     t2 = _sync()
     eng.step()
-    loss.item()
     t3 = _sync()
     return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
 
