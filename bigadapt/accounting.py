@@ -208,12 +208,29 @@ def check_positions(shape: Shape, cfg) -> None:
                           f"the model has {have}; shorten data.seq_len or the prefix")
 
 
+# DeepSpeed's own ZeRO-3 windows (elements): absolute, so for any model under ~1e9 elements they keep every
+# layer gathered from its forward to its backward, i.e. the whole base on every rank
+DS_WINDOWS = {"prefetch_bucket_size": 50_000_000, "max_live_parameters": 10**9, "max_reuse_distance": 10**9}
+
+
+def gather_windows(shape: Shape, z) -> dict:
+    """ZeRO-3's gather windows (elements), each from the config or sized from the model's unit of work (its
+    largest block, or its largest tensor if an embedding is bigger): prefetch the next unit while computing
+    this one, at most two units live, keep a unit gathered only for an immediate reuse (the last block's
+    forward runs straight into its backward). Never wider than DeepSpeed's defaults, which decide for big
+    models; below ~1e9 elements a rank holds two blocks instead of the whole base."""
+    unit = max(shape.largest_block, max((n for _, n, _, _ in shape.tensors), default=0))
+    auto = {"prefetch_bucket_size": unit, "max_live_parameters": 2 * unit, "max_reuse_distance": unit}
+    return {k: (min(v, DS_WINDOWS[k]) if getattr(z, k) is None else getattr(z, k)) for k, v in auto.items()}
+
+
 def gather_buffers(shape: Shape, cfg, lay: Layout) -> int:
-    """ZeRO-3 working memory: the largest block gathered whole, plus the prefetch bucket, capped by
-    stage3_max_live_parameters and by the model itself."""
+    """ZeRO-3 working memory: what max_live_parameters lets prefetches and reuse keep gathered, plus the
+    module being computed (fetched whether or not the window is full), capped by the model itself."""
     if lay.stage != 3:
         return 0
-    live = min(cfg.zero.max_live_parameters, shape.largest_block + cfg.zero.prefetch_bucket_size, shape.total)
+    largest_tensor = max((n for _, n, _, _ in shape.tensors), default=0)
+    live = min(gather_windows(shape, cfg.zero)["max_live_parameters"] + largest_tensor, shape.total)
     return live * BYTES[cfg.model.dtype]
 
 

@@ -93,8 +93,13 @@ class TrainConfig:
 class ZeroConfig:
     stage: int | None = None  # None -> 3 with two or more ranks, else 0
     param_persistence_threshold: int = 100_000  # params smaller than this stay whole on every rank (fewer gathers)
-    prefetch_bucket_size: int = 50_000_000
-    max_live_parameters: int = 1_000_000_000
+    # How much of the frozen base a rank may hold gathered at once (elements). None = sized from the model
+    # (accounting.gather_windows): prefetch one block ahead, at most two blocks live, keep a block only for
+    # its immediate reuse, never more than DeepSpeed's defaults (5e7 / 1e9 / 1e9), which alone keep every
+    # layer gathered from its forward to its backward: the whole base on each rank under ~1B parameters.
+    prefetch_bucket_size: int | None = None
+    max_live_parameters: int | None = None
+    max_reuse_distance: int | None = None
 
 
 @dataclass
@@ -281,6 +286,9 @@ def validate(cfg: RunConfig) -> None:
     _check(z.stage is None or z.stage in (0, 1, 2, 3), "zero.stage", z.stage, "ZeRO stage must be 0, 1, 2 or 3")
     _check(z.param_persistence_threshold >= 0, "zero.param_persistence_threshold",
            z.param_persistence_threshold, "must be >= 0 (0 = partition every parameter)")
+    for key in ("prefetch_bucket_size", "max_live_parameters", "max_reuse_distance"):
+        _check(getattr(z, key) is None or getattr(z, key) >= 0, f"zero.{key}", getattr(z, key),
+               "must be >= 0 elements, or null to size it from the model")
 
 
 def check_world(cfg: RunConfig, world_size: int) -> int:

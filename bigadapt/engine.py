@@ -68,9 +68,10 @@ def zero_stage(cfg, world_size: int) -> int:
     return cfg.zero.stage if cfg.zero.stage is not None else (3 if world_size >= 2 else 0)
 
 
-def ds_config(cfg, world_size: int, accumulation: int, trainable: int | None = None) -> dict:
-    """The DeepSpeed config; `trainable` (element count) sizes the gradient-reduction bucket."""
-    from .accounting import reduce_bucket_elements
+def ds_config(cfg, world_size: int, accumulation: int, shape=None) -> dict:
+    """The DeepSpeed config; `shape` (accounting.Shape, required for ZeRO-3) sizes the gradient-reduction
+    bucket and the gather windows."""
+    from .accounting import gather_windows, reduce_bucket_elements
     stage = zero_stage(cfg, world_size)
     conf = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
@@ -82,15 +83,20 @@ def ds_config(cfg, world_size: int, accumulation: int, trainable: int | None = N
         "zero_allow_untested_optimizer": True,  # torch AdamW: no JIT-built op needed
         "zero_optimization": {"stage": stage},
     }
-    if trainable is not None and stage > 0:
+    if shape is not None and stage > 0:
         # DeepSpeed allocates reduce_bucket_size (5e8 elements: 2 GB in fp32) up front on every rank;
         # an adapter never fills more than its own size
-        conf["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_elements(trainable)
+        conf["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_elements(
+            sum(n for _, n, t, _ in shape.tensors if t))
     if stage == 3:
+        if shape is None:
+            raise ValueError("ds_config: ZeRO-3 needs the model's shape to size its gather windows")
+        w = gather_windows(shape, cfg.zero)
         conf["zero_optimization"].update(
             stage3_param_persistence_threshold=cfg.zero.param_persistence_threshold,
-            stage3_prefetch_bucket_size=cfg.zero.prefetch_bucket_size,
-            stage3_max_live_parameters=cfg.zero.max_live_parameters,
+            stage3_prefetch_bucket_size=w["prefetch_bucket_size"],
+            stage3_max_live_parameters=w["max_live_parameters"],
+            stage3_max_reuse_distance=w["max_reuse_distance"],
             stage3_gather_16bit_weights_on_model_save=False,  # never gather the base to save
         )
     if cfg.model.dtype in PRECISION:

@@ -61,7 +61,7 @@ def run(cfg: RunConfig, resume: str | None = None) -> int:
     stop = StopRequest()
     engine.init_distributed()
     rank = zero.rank()
-    conf = engine.ds_config(cfg, world, accumulation, sum(n for _, n, t, _ in shape.tensors if t))
+    conf = engine.ds_config(cfg, world, accumulation, shape)
     run_dir, ckpt_root = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
 
     zero.register_for_loading(conf)
@@ -111,14 +111,16 @@ def run(cfg: RunConfig, resume: str | None = None) -> int:
     final_eval = loop.evaluate(step)
     state = dict(loop.state(step), eval=final_eval)
     path = checkpoint.save(ckpt_root, step, eng.module, optimizer, state, manifest, cfg.train.keep_last)
-    _accounting_report(run_dir, predicted, eng, optimizer)
+    _accounting_report(run_dir, predicted, eng, optimizer, loop.gathered)
     _summary(path, holdings, final_eval, outcome)
     return 0
 
 
-def _accounting_report(run_dir: Path, predicted: dict, eng, optimizer) -> None:
+def _accounting_report(run_dir: Path, predicted: dict, eng, optimizer, gathered) -> None:
     """*Collective.* Measured model-state bytes of every rank beside the prediction made before the run."""
     mine = dict(zero.measure_model_states(eng, optimizer), peak_memory=int(display.memory_mb() * 2**20))
+    if gathered is not None and gathered.peak:
+        mine["zero3_gather_buffers"] = gathered.peak
     ranks = zero.all_gather_object(mine)
     if zero.rank() != 0:
         return
@@ -144,6 +146,8 @@ class Loop:
         self.train_s = train_s  # the training clock: seconds spent in steps, over all resumes
         # marks evaluated so far; a preemption at a mark's boundary leaves it for the resumed run to evaluate
         self.marks_done = marks_done if marks_done is not None else sum(m <= train_s for m in cfg.train.eval_at_s)
+        zero3 = any(zero.is_zero(p) for p in eng.module.parameters())
+        self.gathered = zero.GatheredPeak(eng.module, targets.layer_list(eng.module)[1]) if zero3 else None
 
     def state(self, step: int) -> dict:
         return {"step": step, "optimizer_step": step, "samples_seen": step * self.cfg.train.batch_size,
@@ -167,7 +171,8 @@ class Loop:
                 if marks > self.marks_done:
                     self.marks_done = marks
                     self.evaluate(step)
-                record = self.step(step)
+                # gathers in steady state: DeepSpeed prefetches along the trace it records in the first two steps
+                record = self.step(step, watch=start + 2 <= step < start + 4)
                 done = step + 1
                 if bar:
                     bar.update(0, completed=done, info=f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
@@ -194,8 +199,10 @@ class Loop:
         signal, over, marks = zero.all_reduce_max_list([stop.signal is not None, over, marks])
         return bool(signal), bool(over), int(marks)
 
-    def step(self, step: int) -> dict:
+    def step(self, step: int, watch: bool = False) -> dict:
         t0 = time.time()
+        if self.gathered:
+            self.gathered.active = watch
         # dropout masks depend only on (seed, step, rank): an exact resume needs no saved RNG state
         torch.manual_seed(self.cfg.train.seed * 1_000_003 + step * 4099 + self.rank)
         lr = lr_at(step, self.cfg, self.total)
@@ -214,6 +221,8 @@ class Loop:
             self.eng.backward(loss * scale)
             self.eng.step()
             loss_sum += loss.item()
+        if self.gathered:
+            self.gathered.active = False
         total_loss = zero.all_reduce_sum([loss_sum])[0] / n_terms
         tokens = sum(len(e["input_ids"]) for e in examples)
         dt = time.time() - t0

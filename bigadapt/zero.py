@@ -267,6 +267,38 @@ def _unique_bytes(tensors) -> int:
     return total
 
 
+class GatheredPeak:
+    """*Local.* The most base elements this rank holds gathered at once, sampled at every block boundary of
+    forward and backward while `active`: what ZeRO-3's gather windows let prefetch and reuse keep whole
+    (persistent parameters, whole by design, are counted with the model states instead)."""
+
+    def __init__(self, model, blocks):
+        self.params = [p for p in model.parameters() if is_zero(p) and not getattr(p, "ds_persist", False)]
+        self.peak, self.active = 0, False  # bytes
+        self._handles = [b.register_forward_hook(self._after_forward) for b in blocks]
+
+    def sample(self) -> None:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        if self.active:  # in flight counts: its buffer is allocated
+            held = sum(p.ds_numel * p.ds_tensor.element_size() for p in self.params
+                       if p.ds_status != ZeroParamStatus.NOT_AVAILABLE)
+            self.peak = max(self.peak, held)
+
+    def _after_forward(self, module, inputs, output):
+        self.sample()
+        out = output[0] if isinstance(output, tuple) else output
+        if self.active and torch.is_tensor(out) and out.requires_grad:
+            out.register_hook(self._in_backward)  # fires as this block's backward begins
+
+    def _in_backward(self, grad):
+        self.sample()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 def measure_model_states(engine, optimizer) -> dict:
     """*Local.* Bytes this rank holds at rest for parameters, gradients and optimizer state, read from
     DeepSpeed's own buffers: partitions, persistent copies (params DeepSpeed marked ds_persist, kept whole

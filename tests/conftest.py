@@ -44,13 +44,13 @@ def write_config(path: Path, cfg: dict) -> Path:
 def zero3_engine(**sections):
     """For scripts the tests launch on several ranks: a ZeRO-3 engine over the tiny config, every tensor
     partitioned, the method injected (every rank calls this)."""
-    from bigadapt import engine, methods, zero
+    from bigadapt import accounting, engine, methods, zero
     from bigadapt import model as base_model
     from bigadapt.config import config_from_dict
     cfg = config_from_dict(tiny_config("unused", zero={"stage": 3, "param_persistence_threshold": 0}, **sections))
     engine.init_distributed()
     accumulation = cfg.train.batch_size // (cfg.train.micro_batch * zero.world_size())
-    conf = engine.ds_config(cfg, zero.world_size(), accumulation)
+    conf = engine.ds_config(cfg, zero.world_size(), accumulation, accounting.shapes(cfg)[0])
     zero.register_for_loading(conf)
     model = base_model.build_base(cfg.model, 0)
     methods.apply(model, cfg)

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .. import engine, methods, objectives, zero
+from .. import accounting, engine, methods, objectives, zero
 from .. import model as base_model
 from ..config import config_from_dict
 from ..display import memory_mb
@@ -45,7 +45,8 @@ def build(args):
         "train": {"batch_size": args.micro_batch * world, "micro_batch": args.micro_batch, "lr": args.lr},
         "zero": {"stage": args.stage, "param_persistence_threshold": args.persistence},
     })
-    conf = engine.ds_config(cfg, world, 1)
+    # both sides run under the same config, sized from bigadapt's view of the model (the same base)
+    conf = engine.ds_config(cfg, world, 1, accounting.shapes(cfg)[0])
     zero.register_for_loading(conf)
     model = base_model.build_base(cfg.model, 0)
     if args.impl == "bigadapt":

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .. import engine, methods, objectives
+from .. import accounting, engine, methods, objectives
 from ..config import config_from_dict
 from ..model import build_base
 from .latency import arch
@@ -28,10 +28,11 @@ def build(method: dict, a: dict, args) -> tuple:
     cfg = config_from_dict({"model": {"arch": a, "objective": "causal_lm", "dtype": args.dtype}, "method": method,
                             "train": {"batch_size": args.batch, "micro_batch": args.batch, "lr": 1e-5},
                             "zero": {"stage": args.stage}})
+    conf = engine.ds_config(cfg, 1, 1, accounting.shapes(cfg)[0])
     model = build_base(cfg.model, 0)
     trainable = methods.apply(model, cfg)
     n = sum(model.get_parameter(t).numel() for t in trainable)
-    eng, _ = engine.initialize(model, cfg, engine.ds_config(cfg, 1, 1, n))
+    eng, _ = engine.initialize(model, cfg, conf)
     return eng, n
 
 

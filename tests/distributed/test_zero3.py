@@ -51,10 +51,29 @@ def assert_accounting_matches(run_dir: Path) -> None:
     report = json.loads((run_dir / "accounting.json").read_text())
     assert report["model_states_max_rel_error"] <= 0.02, report
     assert len(report["measured"]) == json.loads((run_dir / "layout.json").read_text())["world_size"]
+    bound = report["predicted"]["zero3_gather_buffers"]  # ZeRO-3 only: the gather windows' working set
+    for measured in report["measured"] if bound else []:
+        assert 0 < measured["zero3_gather_buffers"] <= bound, report
 
 
 def test_memory_prediction_matches_measurement(two_rank_run, tmp_path):
     assert_accounting_matches(two_rank_run)
+
+
+def test_no_rank_holds_the_whole_base_while_training(tmp_path):
+    """In steady state (after DeepSpeed has traced the step) each rank's gathered base stays within the
+    windows sized from the model; DeepSpeed's own windows would keep nearly all of it gathered."""
+    deep = dict(tiny_config(tmp_path)["model"]["arch"], n_layer=8)
+    held = {}
+    for name, windows in (("sized", {}), ("deepspeed_defaults", {"prefetch_bucket_size": 50_000_000,
+                          "max_live_parameters": 10**9, "max_reuse_distance": 10**9})):
+        run_dir = _run(tmp_path, name, 2, arch=deep, train={"max_steps": 5},
+                       zero={"param_persistence_threshold": 0, **windows})
+        whole = json.loads((run_dir / "layout.json").read_text())["base_numel_total"] * 4  # fp32
+        report = json.loads((run_dir / "accounting.json").read_text())
+        held[name] = max(m["zero3_gather_buffers"] for m in report["measured"]) / whole
+        assert held[name] * whole <= report["predicted"]["zero3_gather_buffers"]
+    assert held["sized"] < 0.35 and held["deepspeed_defaults"] > 0.9, held
 
 
 def test_adapter_file_holds_only_trainable_tensors_at_full_shape(two_rank_run):
