@@ -108,3 +108,13 @@ def test_study_table_and_plot_from_runs():
 def test_study_eval_at_takes_the_first_eval_past_the_mark():
     row = _row("cola", "full", 1.0, [{"mcc": 0.1}, {"mcc": 0.2}, {"mcc": 0.3}])
     assert study._eval_at(row, 60.0)["mcc"] == 0.2 and study._eval_at(row, 45.0) is None
+
+
+def test_study_seed_spread_per_cell():
+    rows = [_row("mrpc", "lora", 1.0, [{"accuracy": a} for a in (0.6, 0.7, 0.8)]),
+            dict(_row("mrpc", "lora", 1.0, [{"accuracy": a} for a in (0.65, 0.7, 0.75)]), seed=1),
+            _row("cola", "full", 1.0, [{"mcc": 0.1}, {"mcc": 0.2}, {"mcc": 0.3}])]  # one seed: no row
+    text = study.seeds_table(rows)
+    assert "| mrpc (accuracy) | lora | 100% | 0, 1 | 60.0 / 65.0 | 70.0 / 70.0 | 80.0 / 75.0 | 5.0 |" in text
+    assert "cola" not in text
+    assert study.seeds_table(rows[2:]) == ""

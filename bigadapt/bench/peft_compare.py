@@ -59,8 +59,10 @@ def compare(ranks: int = 2, rounds: int = 2, extra: list[str] = ()) -> dict:
 
 
 def report(s: dict) -> None:
+    peer = {"same": "bigadapt's config on every side", "hf": "peft under transformers' documented ZeRO-3 config"}
     t = Table(title=f"LoRA step, {s['args']['arch']}, ZeRO stage {s['args']['stage']}, "
-                    f"{s['args']['micro_batch']}x{s['args']['seq_len']} tokens per rank")
+                    f"{s['args']['micro_batch']}x{s['args']['seq_len']} tokens per rank; "
+                    f"{peer[s['args']['peer_config']]}")
     for col in ("", "median step (s)", "CPU per step (s)", "peak memory (MiB)", "trainable params", "adapter file",
                 "initial loss", "final loss"):
         t.add_column(col, justify="right")

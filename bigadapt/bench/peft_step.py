@@ -36,6 +36,16 @@ TARGETS = {"gpt2-small": (["attn.c_attn"], ["c_attn"]), "llama-small": (["q", "v
 FLOOR = {"gpt2-small": ".ln_1.weight", "llama-small": ".input_layernorm.weight"}
 
 
+def hf_zero3(conf: dict, hidden: int) -> dict:
+    """The ZeRO-3 config a peft user is documented to write: transformers' DeepSpeed guide (ds_config_zero3.json)
+    with its "auto" values filled as the HF Trainer fills them from the hidden size."""
+    z = dict(conf["zero_optimization"], overlap_comm=True, contiguous_gradients=True, sub_group_size=10**9,
+             reduce_bucket_size=hidden * hidden, stage3_prefetch_bucket_size=int(0.9 * hidden * hidden),
+             stage3_param_persistence_threshold=10 * hidden, stage3_max_live_parameters=10**9,
+             stage3_max_reuse_distance=10**9)
+    return dict(conf, zero_optimization=z)
+
+
 def build(args):
     world = zero.world_size()
     ours, theirs = TARGETS[args.arch]
@@ -45,8 +55,10 @@ def build(args):
         "train": {"batch_size": args.micro_batch * world, "micro_batch": args.micro_batch, "lr": args.lr},
         "zero": {"stage": args.stage, "param_persistence_threshold": args.persistence},
     })
-    # both sides run under the same config, sized from bigadapt's view of the model (the same base)
+    # by default every side runs under the same config, sized from bigadapt's view of the (same) base
     conf = engine.ds_config(cfg, world, 1, accounting.shapes(cfg)[0])
+    if args.impl == "peft" and args.peer_config == "hf":  # or peft as its users configure DeepSpeed
+        conf = hf_zero3(conf, ARCHS[args.arch].get("n_embd") or ARCHS[args.arch]["hidden_size"])
     zero.register_for_loading(conf)
     model = base_model.build_base(cfg.model, 0)
     if args.impl == "bigadapt":
@@ -109,6 +121,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--stage", type=int, default=3)
     p.add_argument("--persistence", type=int, default=100_000)
+    p.add_argument("--peer-config", choices=["same", "hf"], default="same",
+                   help="peft's DeepSpeed config: bigadapt's (compares the LoRA layers alone) or the one "
+                        "transformers' DeepSpeed guide gives its users (compares what each user gets)")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int)
     args = p.parse_args()

@@ -142,6 +142,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(rows: list[dict]) -> str:
+    """Markdown: the main metric per seed at each mark, for every (task, method, fraction) run with more than
+    one seed, and the largest difference between seeds: how much of a gap in the main table is noise."""
+    marks = sorted({m for r in rows for m in r["marks"]})
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["method"], r["fraction"]), {})[r["seed"]] = r
+    lines = ["| task | method | data | seeds | " + " | ".join(f"{m:g} s" for m in marks) + " | largest spread |",
+             "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in marks) + " | ---: |"]
+    for (task, method, fraction), by_seed in sorted(groups.items(), key=lambda kv: (list(TASKS).index(kv[0][0]),
+                                                                                   list(METHODS).index(kv[0][1]),
+                                                                                   -kv[0][2])):
+        if len(by_seed) < 2:
+            continue
+        metric, spread, vals = MAIN_METRIC[task], 0.0, []
+        for m in marks:
+            per_seed = [ev[metric] for s in sorted(by_seed) if (ev := _eval_at(by_seed[s], m)) and metric in ev]
+            vals.append(" / ".join(f"{100 * v:.1f}" for v in per_seed) if per_seed else "–")
+            spread = max([spread] + ([100 * (max(per_seed) - min(per_seed))] if per_seed else []))
+        lines.append(f"| {task} ({metric}) | {method} | {int(100 * fraction)}% | "
+                     f"{', '.join(str(s) for s in sorted(by_seed))} | " + " | ".join(vals) + f" | {spread:.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _eval_at(row: dict | None, mark: float) -> dict | None:
     """The eval a run with budget `mark` ends with: the first eval at or past the mark on the training clock."""
     if row is None or mark not in row["marks"]:
@@ -176,10 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         run_cells(args)
         return 0
     rows = collect(Path(args.out))
-    print(table(rows))
+    first = [r for r in rows if r["seed"] == min(x["seed"] for x in rows)] if rows else []
+    print(table(first))  # one seed per cell; the others only measure the spread
+    spread = seeds_table(rows)
+    if spread:
+        print(f"\nacross seeds ({MAIN_METRIC} x 100, seed by seed):\n\n{spread}")
     from .study_plot import plot
     svg = Path(args.out) / "study.svg"
-    svg.write_text(plot(rows, MAIN_METRIC, NO_SKILL))
+    svg.write_text(plot(first, MAIN_METRIC, NO_SKILL))
     print(f"\nplot: {svg}")
     return 0
 
