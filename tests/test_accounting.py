@@ -70,3 +70,18 @@ def test_lora_prediction_needs_no_weights(method_overrides):
     cfg = load_config(None, method_overrides)
     shape, full = accounting.shapes(cfg)
     assert sum(n for _, n, t, _ in shape.tensors if t) < sum(n for _, n, t, _ in full.tensors if t)
+
+
+def test_gather_windows_sized_from_the_model_and_capped_at_deepspeeds():
+    ts = [("wte", 300, False, 2), ("h.0.w", 100, False, 2), ("h.1.w", 100, False, 2)]
+    shape = accounting.Shape(ts, None, largest_block=120, total=500)
+    cfg = load_config(None, [])
+    assert accounting.gather_windows(shape, cfg.zero) == {  # the embedding is the largest unit here
+        "prefetch_bucket_size": 300, "max_live_parameters": 600, "max_reuse_distance": 300}
+    assert accounting.gather_buffers(shape, cfg, Layout(world=2, stage=3)) == 500 * 4  # capped by the model
+    cfg = load_config(None, ["zero.max_live_parameters=50"])  # an explicit window is taken as given
+    assert accounting.gather_windows(shape, cfg.zero)["max_live_parameters"] == 50
+    assert accounting.gather_buffers(shape, cfg, Layout(world=2, stage=3)) == (50 + 300) * 4
+    assert accounting.gather_buffers(shape, cfg, Layout(world=2, stage=0)) == 0
+    big = accounting.shapes(load_config(GPT3_LORA))[0]  # a 1.8B-element block: DeepSpeed's windows decide
+    assert accounting.gather_windows(big, load_config(GPT3_LORA).zero) == accounting.DS_WINDOWS
