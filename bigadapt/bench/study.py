@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(first))  # one seed per cell; the others only measure the spread
     spread = seeds_table(rows)
     if spread:
-        print(f"\nacross seeds ({MAIN_METRIC} x 100, seed by seed):\n\n{spread}")
+        print(f"\nacross seeds (each task's main metric x 100, seed by seed):\n\n{spread}")
     from .study_plot import plot
     svg = Path(args.out) / "study.svg"
     svg.write_text(plot(first, MAIN_METRIC, NO_SKILL))
