@@ -219,9 +219,13 @@ def gather_windows(shape: Shape, z) -> dict:
     this one, at most two units live, keep a unit gathered only for an immediate reuse (the last block's
     forward runs straight into its backward). Never wider than DeepSpeed's defaults, which decide for big
     models; below ~1e9 elements a rank holds two blocks instead of the whole base."""
-    unit = max(shape.largest_block, max((n for _, n, _, _ in shape.tensors), default=0))
+    unit = max(shape.largest_block, _largest_tensor(shape))
     auto = {"prefetch_bucket_size": unit, "max_live_parameters": 2 * unit, "max_reuse_distance": unit}
     return {k: (min(v, DS_WINDOWS[k]) if getattr(z, k) is None else getattr(z, k)) for k, v in auto.items()}
+
+
+def _largest_tensor(shape: Shape) -> int:
+    return max((n for _, n, _, _ in shape.tensors), default=0)
 
 
 def gather_buffers(shape: Shape, cfg, lay: Layout) -> int:
@@ -229,8 +233,7 @@ def gather_buffers(shape: Shape, cfg, lay: Layout) -> int:
     module being computed (fetched whether or not the window is full), capped by the model itself."""
     if lay.stage != 3:
         return 0
-    largest_tensor = max((n for _, n, _, _ in shape.tensors), default=0)
-    live = min(gather_windows(shape, cfg.zero)["max_live_parameters"] + largest_tensor, shape.total)
+    live = min(gather_windows(shape, cfg.zero)["max_live_parameters"] + _largest_tensor(shape), shape.total)
     return live * BYTES[cfg.model.dtype]
 
 

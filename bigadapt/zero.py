@@ -268,19 +268,20 @@ def _unique_bytes(tensors) -> int:
 
 
 class GatheredPeak:
-    """*Local.* The most base elements this rank holds gathered at once, sampled at every block boundary of
-    forward and backward while `active`: what ZeRO-3's gather windows let prefetch and reuse keep whole
-    (persistent parameters, whole by design, are counted with the model states instead)."""
+    """*Local.* The most bytes of partitioned base this rank holds gathered at once, sampled at every block
+    boundary of forward and backward while `active`: what ZeRO-3's gather windows let prefetch and reuse keep
+    whole (persistent parameters, whole by design, are counted with the model states instead)."""
 
     def __init__(self, model, blocks):
         self.params = [p for p in model.parameters() if is_zero(p) and not getattr(p, "ds_persist", False)]
-        self.peak, self.active = 0, False  # bytes
-        self._handles = [b.register_forward_hook(self._after_forward) for b in blocks]
+        self.peak, self.active = 0, False
+        for b in blocks:  # inactive outside the watched steps: a flag test per block
+            b.register_forward_hook(self._after_forward)
 
     def sample(self) -> None:
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-        if self.active:  # in flight counts: its buffer is allocated
-            held = sum(p.ds_numel * p.ds_tensor.element_size() for p in self.params
+        if self.active:
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+            held = sum(p.ds_numel * p.ds_tensor.element_size() for p in self.params  # in flight counts too
                        if p.ds_status != ZeroParamStatus.NOT_AVAILABLE)
             self.peak = max(self.peak, held)
 
@@ -292,11 +293,6 @@ class GatheredPeak:
 
     def _in_backward(self, grad):
         self.sample()
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 def measure_model_states(engine, optimizer) -> dict:

@@ -146,14 +146,11 @@ def seeds_table(rows: list[dict]) -> str:
     """Markdown: the main metric per seed at each mark, for every (task, method, fraction) run with more than
     one seed, and the largest difference between seeds: how much of a gap in the main table is noise."""
     marks = sorted({m for r in rows for m in r["marks"]})
-    groups: dict[tuple, dict[int, dict]] = {}
-    for r in rows:
-        groups.setdefault((r["task"], r["method"], r["fraction"]), {})[r["seed"]] = r
+    fractions = sorted({r["fraction"] for r in rows}, reverse=True)
     lines = ["| task | method | data | seeds | " + " | ".join(f"{m:g} s" for m in marks) + " | largest spread |",
              "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in marks) + " | ---: |"]
-    for (task, method, fraction), by_seed in sorted(groups.items(), key=lambda kv: (list(TASKS).index(kv[0][0]),
-                                                                                   list(METHODS).index(kv[0][1]),
-                                                                                   -kv[0][2])):
+    for task, method, fraction in ((t, m, f) for t in TASKS for m in METHODS for f in fractions):
+        by_seed = {r["seed"]: r for r in rows if (r["task"], r["method"], r["fraction"]) == (task, method, fraction)}
         if len(by_seed) < 2:
             continue
         metric, spread, vals = MAIN_METRIC[task], 0.0, []
