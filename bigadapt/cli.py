@@ -54,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--batch-size", type=int, default=1, help="prompts per generate call")
     ev.add_argument("--merged", action="store_true",
-                    help="fold the adapter into the base first (LoRA, BitFit), as deployed; writes eval-<split>-merged.json")
+                    help="fold the adapter into the base first (LoRA, BitFit), as deployed; "
+                         "writes eval-<split>-merged.json")
     rs = sub.add_parser("results", help="a Markdown table of the eval-*.json files of runs")
     rs.add_argument("runs", nargs="+")
     from .estimate_cli import add_args as _estimate_args

@@ -1,8 +1,8 @@
 """The paper's metric for a task, on a trained run (`bigadapt eval RUN`) or on the model in training.
 
 GLUE tasks score the classifier's predictions (metrics.glue_metrics). Generation tasks (E2E and the hub NLG
-tasks) decode with beam search — Table 11's defaults: beam 10, length penalty 0.9 (E2E) / 0.8 (WebNLG, DART), no-repeat 4-grams,
-64 new tokens — and score each output against all references of its source.
+tasks) decode with beam search — Table 11's defaults: beam 10, length penalty 0.9 (E2E) / 0.8 (WebNLG, DART),
+no-repeat 4-grams, 64 new tokens — and score each output against all references of its source.
 
 Under ZeRO-3 every forward gathers parameters collectively, so `generate_sharded` makes every rank call
 `generate` the same number of times with `synced_gpus=True` (ranks that finish early keep stepping) and

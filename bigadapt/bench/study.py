@@ -122,7 +122,8 @@ def table(rows: list[dict]) -> str:
     fractions = sorted({r["fraction"] for r in rows}, reverse=True)
     marks = sorted({m for r in rows for m in r["marks"]})
     head = [f"{int(100 * f)}% · {m:g} s" for f in fractions for m in marks]
-    lines = ["| task | method | trainable | " + " | ".join(head) + " | steps | s/step | load |",  # at the largest fraction
+    # steps, s/step and load: the largest fraction's run
+    lines = ["| task | method | trainable | " + " | ".join(head) + " | steps | s/step | load |",
              "| --- | --- | ---: | " + " | ".join("---:" for _ in head) + " | ---: | ---: | ---: |"]
     for task in TASKS:
         for method in METHODS:
