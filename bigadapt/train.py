@@ -147,7 +147,7 @@ class Loop:
         # marks evaluated so far; a preemption at a mark's boundary leaves it for the resumed run to evaluate
         self.marks_done = marks_done if marks_done is not None else sum(m <= train_s for m in cfg.train.eval_at_s)
         zero3 = any(zero.is_zero(p) for p in eng.module.parameters())
-        self.gathered = zero.GatheredPeak(eng.module, targets.layer_list(eng.module)[1]) if zero3 else None
+        self.gathered = zero.GatheredPeak(eng.module) if zero3 else None
 
     def state(self, step: int) -> dict:
         return {"step": step, "optimizer_step": step, "samples_seen": step * self.cfg.train.batch_size,

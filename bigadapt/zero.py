@@ -268,31 +268,35 @@ def _unique_bytes(tensors) -> int:
 
 
 class GatheredPeak:
-    """*Local.* The most bytes of partitioned base this rank holds gathered at once, sampled at every block
-    boundary of forward and backward while `active`: what ZeRO-3's gather windows let prefetch and reuse keep
-    whole (persistent parameters, whole by design, are counted with the model states instead)."""
+    """*Local.* The most bytes of partitioned base this rank holds gathered at once while `active`, sampled as
+    each module with partitioned parameters computes: in forward once DeepSpeed has fetched them, in backward
+    once the module's input gradient is ready and before DeepSpeed releases them. What ZeRO-3's gather windows
+    let prefetch and reuse keep whole (persistent parameters, whole by design, are counted with the model
+    states instead). Must be built after DeepSpeed has hooked the model, so these hooks run after its own."""
 
-    def __init__(self, model, blocks):
+    def __init__(self, model):
         self.params = [p for p in model.parameters() if is_zero(p) and not getattr(p, "ds_persist", False)]
+        watched = {id(p) for p in self.params}
         self.peak, self.active = 0, False
-        for b in blocks:  # inactive outside the watched steps: a flag test per block
-            b.register_forward_hook(self._after_forward)
+        for m in model.modules():  # inactive outside the watched steps: a flag test per module
+            if any(id(p) in watched for p in m.parameters(recurse=False)):
+                m.register_forward_pre_hook(self._before_forward)
 
-    def sample(self) -> None:
-        if self.active:
-            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-            held = sum(p.ds_numel * p.ds_tensor.element_size() for p in self.params  # in flight counts too
-                       if p.ds_status != ZeroParamStatus.NOT_AVAILABLE)
-            self.peak = max(self.peak, held)
+    def sample(self, *unused) -> None:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        held = sum(p.ds_numel * p.ds_tensor.element_size() for p in self.params  # in flight counts too
+                   if p.ds_status != ZeroParamStatus.NOT_AVAILABLE)
+        self.peak = max(self.peak, held)
 
-    def _after_forward(self, module, inputs, output):
+    def _before_forward(self, module, inputs):
+        if not self.active:
+            return
         self.sample()
-        out = output[0] if isinstance(output, tuple) else output
-        if self.active and torch.is_tensor(out) and out.requires_grad:
-            out.register_hook(self._in_backward)  # fires as this block's backward begins
-
-    def _in_backward(self, grad):
-        self.sample()
+        # DeepSpeed's pre-forward hook has wrapped each input in the function that releases this module's
+        # parameters after its backward: a hook on the wrapped input fires just before that release
+        for x in inputs:
+            if torch.is_tensor(x) and x.requires_grad:
+                x.register_hook(self.sample)
 
 
 def measure_model_states(engine, optimizer) -> dict:
