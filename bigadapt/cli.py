@@ -65,8 +65,9 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("run")
     # no abbreviations: the rest goes to the bench itself (its --r is not this parser's --ranks or --rounds)
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios", allow_abbrev=False)
-    b.add_argument("what", choices=["peft", "latency", "throughput", "study"],
-                   help="peft: LoRA training step vs huggingface/peft + DeepSpeed; latency: Table 1 forward latency; "
+    b.add_argument("what", choices=["peft", "windows", "latency", "throughput", "study"],
+                   help="peft: LoRA training step vs huggingface/peft + DeepSpeed; windows: ZeRO-3 gather windows "
+                        "sized from the model vs DeepSpeed's; latency: Table 1 forward latency; "
                         "throughput: LoRA vs full FT step time; study: BitFit/adapters/LoRA/full across data "
                         "fractions and time budgets (options: python -m bigadapt.bench.latency -h, ...study -h)")
     b.add_argument("--ranks", type=int, default=2)
@@ -119,7 +120,7 @@ def _dispatch(args) -> int:
     if args.command == "bench" and args.what == "study":
         from .bench import study
         return study.main(args.rest)
-    if args.command == "bench" and args.what != "peft":
+    if args.command == "bench" and args.what not in ("peft", "windows"):
         from .bench import latency, throughput
         bench = latency if args.what == "latency" else throughput
         result = bench.main(args.rest)
@@ -133,9 +134,10 @@ def _dispatch(args) -> int:
     if args.command == "bench":
         import json
 
-        from .bench.peft_compare import compare, report
-        summary = compare(args.ranks, args.rounds, args.rest)
-        report(summary)
+        from .bench import peft_compare, windows
+        bench = peft_compare if args.what == "peft" else windows
+        summary = bench.compare(args.ranks, args.rounds, args.rest)
+        bench.report(summary)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(summary, f, indent=1)

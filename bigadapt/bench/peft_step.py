@@ -46,19 +46,28 @@ def hf_zero3(conf: dict, hidden: int) -> dict:
     return dict(conf, zero_optimization=z)
 
 
+def arch(args) -> dict:
+    a = dict(ARCHS[args.arch])
+    if args.layers:
+        a["n_layer" if "n_layer" in a else "num_hidden_layers"] = args.layers
+    return a
+
+
 def build(args):
     world = zero.world_size()
     ours, theirs = TARGETS[args.arch]
+    windows = accounting.DS_WINDOWS if args.windows == "deepspeed" else {}  # else sized from the model
     cfg = config_from_dict({
-        "model": {"arch": ARCHS[args.arch], "objective": "causal_lm"},
+        "model": {"arch": arch(args), "objective": "causal_lm"},
         "method": {"r": args.r, "alpha": 2 * args.r, "targets": ours},
         "train": {"batch_size": args.micro_batch * world, "micro_batch": args.micro_batch, "lr": args.lr},
-        "zero": {"stage": args.stage, "param_persistence_threshold": args.persistence},
+        "zero": {"stage": args.stage, "param_persistence_threshold": args.persistence, **windows},
     })
     # by default every side runs under the same config, sized from bigadapt's view of the (same) base
-    conf = engine.ds_config(cfg, world, 1, accounting.shapes(cfg)[0])
+    shape = accounting.shapes(cfg)[0]  # before register_for_loading: a meta build under it would be partitioned
+    conf = engine.ds_config(cfg, world, 1, shape)
     if args.impl == "peft" and args.peer_config == "hf":  # or peft as its users configure DeepSpeed
-        conf = hf_zero3(conf, ARCHS[args.arch].get("n_embd") or ARCHS[args.arch]["hidden_size"])
+        conf = hf_zero3(conf, arch(args).get("n_embd") or arch(args)["hidden_size"])
     zero.register_for_loading(conf)
     model = base_model.build_base(cfg.model, 0)
     if args.impl == "bigadapt":
@@ -75,7 +84,8 @@ def build(args):
                                                  lora_dropout=0.0, fan_in_fan_out=args.arch.startswith("gpt2")))
     same_start(model)
     eng, _ = engine.initialize(model, cfg, conf)
-    return eng, cfg
+    predicted = accounting.gather_buffers(shape, cfg, accounting.Layout(world=world, stage=args.stage))
+    return eng, predicted
 
 
 def same_start(model) -> None:
@@ -109,6 +119,15 @@ def adapter_bytes(eng, impl: str, directory: str) -> int:
         return (Path(directory) / "adapter_model.safetensors").stat().st_size
 
 
+def gather_report(gathered, predicted: int) -> dict:
+    """*Local.* The most partitioned base held gathered at once in steady state, beside the whole partitioned
+    base and the accounting's prediction of it (bytes)."""
+    if gathered is None:
+        return {}
+    base = sum(zero.full_numel(q) * q.ds_tensor.element_size() for q in gathered.params)
+    return {"gathered_peak_bytes": gathered.peak, "gathered_base_bytes": base, "gathered_predicted_bytes": predicted}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--impl", choices=["bigadapt", "peft", "floor"], required=True)
@@ -121,6 +140,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--stage", type=int, default=3)
     p.add_argument("--persistence", type=int, default=100_000)
+    p.add_argument("--layers", type=int, help="blocks (default: the arch's 6)")
+    p.add_argument("--windows", choices=["sized", "deepspeed"], default="sized",
+                   help="ZeRO-3 gather windows: sized from the model (bigadapt's default) or DeepSpeed's own")
     p.add_argument("--peer-config", choices=["same", "hf"], default="same",
                    help="peft's DeepSpeed config: bigadapt's (compares the LoRA layers alone) or the one "
                         "transformers' DeepSpeed guide gives its users (compares what each user gets)")
@@ -128,11 +150,14 @@ def main() -> None:
     p.add_argument("--local_rank", type=int)
     args = p.parse_args()
     engine.init_distributed()
-    eng, cfg = build(args)
+    eng, predicted = build(args)
     g = torch.Generator().manual_seed(1 + zero.rank())
     x = torch.randint(1, 4096, (args.micro_batch, args.seq_len), generator=g).to(eng.device)
+    gathered = zero.GatheredPeak(eng.module) if args.stage == 3 else None
     times, cpu, losses = [], [], []
-    for _ in range(args.warmup + args.steps):
+    for i in range(args.warmup + args.steps):
+        if gathered:  # two steady-state steps, as a training run watches them
+            gathered.active = args.warmup <= i < args.warmup + 2
         t0, c0 = time.perf_counter(), time.process_time()
         loss = objectives.loss_sum(eng(input_ids=x).logits, x, "causal_lm") / x.numel()
         eng.backward(loss)
@@ -148,12 +173,15 @@ def main() -> None:
     result = {"impl": args.impl, "median_step_s": statistics.median(times[args.warmup:]),
               "median_step_cpu_s": statistics.median(cpu[args.warmup:]),
               "peak_rss_mb": memory_mb(), "first_loss": losses[0], "losses": losses, "trainable": trainable,
-              "adapter_bytes": nbytes, "world_size": zero.world_size(), "args": vars(args)}
+              "adapter_bytes": nbytes, "world_size": zero.world_size(), "args": vars(args),
+              **gather_report(gathered, predicted)}
     results = zero.all_gather_object(result)
     if zero.rank() == 0:
         result["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)  # the worst rank decides what fits
         result["median_step_s"] = max(r["median_step_s"] for r in results)
         result["median_step_cpu_s"] = max(r["median_step_cpu_s"] for r in results)
+        if gathered:
+            result["gathered_peak_bytes"] = max(r["gathered_peak_bytes"] for r in results)
         result["losses"] = [r["losses"] for r in results]
         with open(args.out, "w") as f:
             json.dump(result, f)
