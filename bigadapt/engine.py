@@ -138,4 +138,5 @@ def initialize(model, cfg, conf: dict):
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=conf,
                                                    model_parameters=[p for g in groups for p in g["params"]])
     zero.ensure_adam_state(optimizer, 0)
+    zero.coalesce_persistent_gather(optimizer)
     return engine, optimizer

@@ -267,6 +267,44 @@ def _unique_bytes(tensors) -> int:
     return total
 
 
+def coalesce_persistent_gather(optimizer) -> None:
+    """DeepSpeed re-partitions every parameter as each optimizer step begins and, after it, re-gathers the
+    persistent ones (below param_persistence_threshold: norms, biases, a LoRA's A and B) with a collective
+    call per tensor: ~8 per block per step. This gathers them after each step in one call per dtype instead,
+    into a buffer holding only them. Same values; `bigadapt bench peft` counts the calls (98 -> 36 per step
+    on its 6-block GPT-2)."""
+    persistent = getattr(optimizer, "persistent_parameters", None)  # the list DeepSpeed's _post_step gathers
+    if not persistent:
+        return
+    ours = [p for p in persistent if p.ds_tensor.dtype.is_floating_point and not hasattr(p.ds_tensor, "ds_quant_scale")
+            and p.ds_process_group is persistent[0].ds_process_group]
+    persistent[:] = [p for p in persistent if all(p is not q for q in ours)]  # the rest: DeepSpeed's way
+    post_step = optimizer._post_step
+
+    def _post_step(*args, **kwargs):
+        post_step(*args, **kwargs)
+        for dtype in dict.fromkeys(p.ds_tensor.dtype for p in ours):  # model order: the same on every rank
+            _gather_whole([p for p in ours if p.ds_tensor.dtype == dtype])
+
+    optimizer._post_step = _post_step  # called by the optimizer's step(), after the update
+
+
+def _gather_whole(params: list) -> None:
+    from deepspeed import comm as dist
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    group = params[0].ds_process_group
+    world = dist.get_world_size(group=group)
+    local = torch.cat([p.ds_tensor.reshape(-1) for p in params])  # each rank's partitions, padded alike
+    out = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
+    dist.all_gather_into_tensor(out, local, group=group)
+    rows, offset = out.view(world, -1), 0
+    for p in params:
+        size = p.ds_tensor.numel()
+        p.data = rows[:, offset:offset + size].reshape(-1)[:p.ds_numel].view(p.ds_shape)
+        p.ds_status = ZeroParamStatus.AVAILABLE
+        offset += size
+
+
 class GatheredPeak:
     """*Local.* The most bytes of partitioned base this rank holds gathered at once while `active`, sampled as
     each module with partitioned parameters computes: in forward once DeepSpeed has fetched them, in backward
