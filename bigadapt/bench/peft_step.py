@@ -1,12 +1,13 @@
 """One side of the LoRA-vs-PEFT step-time benchmark, run on every rank by the deepspeed launcher.
 
-Both sides share the base, DeepSpeed config, optimizer, data and training step; only the LoRA
-implementation differs (bigadapt's LoRA module vs huggingface/peft's LoraModel). A third side, `floor`, trains
-only each block's first norm: the same backward through every layer and the same ZeRO-3 gathers with no adapter
-compute, the step no LoRA implementation can beat. Both adapters start from the
-same A (drawn here, per wrapped module in model order) and B = 0, so the two loss curves must agree step by step;
-at the end each side writes its adapter file as it would for a user (bigadapt: the trainable tensors in
-safetensors; peft: `save_pretrained`) and the bytes are reported.
+Both sides share the base, DeepSpeed config (by default), optimizer, data and training step. `bigadapt` is
+bigadapt's LoRA module under bigadapt's engine; `peft` is huggingface/peft's LoraModel under DeepSpeed as a
+peft user drives it (`peer_engine`). A third side, `floor`, trains only each block's first norm under
+bigadapt's engine: the same backward through every layer and the same ZeRO-3 gathers with no adapter compute,
+the step no LoRA implementation on that engine can beat. Both adapters start from the same A (drawn here, per
+wrapped module in model order) and B = 0, so the two loss curves must agree step by step; at the end each side
+writes its adapter file as it would for a user (bigadapt: the trainable tensors in safetensors; peft:
+`save_pretrained`) and the bytes are reported.
 """
 from __future__ import annotations
 
@@ -83,9 +84,37 @@ def build(args):
         model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=theirs,
                                                  lora_dropout=0.0, fan_in_fan_out=args.arch.startswith("gpt2")))
     same_start(model)
-    eng, _ = engine.initialize(model, cfg, conf)
+    eng = peer_engine(model, cfg, conf) if args.impl == "peft" else engine.initialize(model, cfg, conf)[0]
     predicted = accounting.gather_buffers(shape, cfg, accounting.Layout(world=world, stage=args.stage))
     return eng, predicted
+
+
+def peer_engine(model, cfg, conf: dict):
+    """DeepSpeed as a peft user drives it: the same torch AdamW over the trainable tensors, stock ZeRO-3
+    behaviour (bigadapt's engine also gathers persistent tensors in one call, zero.coalesce_persistent_gather)."""
+    import deepspeed
+    params = [q for q in model.parameters() if q.requires_grad]
+    t = cfg.train
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay,
+                            foreach=True)
+    return deepspeed.initialize(model=model, optimizer=opt, config=conf, model_parameters=params)[0]
+
+
+class GatherCount:
+    """All-gather calls DeepSpeed issues (its comm module is looked up at every call, so wrapping it counts
+    them all): the collective calls per step, deterministic where times are noisy."""
+
+    def __init__(self):
+        import deepspeed.comm as dcomm
+        self.calls = 0
+        for name in ("all_gather_into_tensor", "allgather_fn"):
+            setattr(dcomm, name, self._counting(getattr(dcomm, name)))
+
+    def _counting(self, fn):
+        def wrapper(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+        return wrapper
 
 
 def same_start(model) -> None:
@@ -144,8 +173,8 @@ def main() -> None:
     p.add_argument("--windows", choices=["sized", "deepspeed"], default="sized",
                    help="ZeRO-3 gather windows: sized from the model (bigadapt's default) or DeepSpeed's own")
     p.add_argument("--peer-config", choices=["same", "hf"], default="same",
-                   help="peft's DeepSpeed config: bigadapt's (compares the LoRA layers alone) or the one "
-                        "transformers' DeepSpeed guide gives its users (compares what each user gets)")
+                   help="peft's DeepSpeed config: bigadapt's (the same windows and thresholds on every side) or "
+                        "the one transformers' DeepSpeed guide gives its users")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int)
     args = p.parse_args()
@@ -154,8 +183,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(1 + zero.rank())
     x = torch.randint(1, 4096, (args.micro_batch, args.seq_len), generator=g).to(eng.device)
     gathered = zero.GatheredPeak(eng.module) if args.stage == 3 else None
+    count = GatherCount()
     times, cpu, losses = [], [], []
     for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            count.calls = 0
         if gathered:  # two steady-state steps, as a training run watches them
             gathered.active = args.warmup <= i < args.warmup + 2
         t0, c0 = time.perf_counter(), time.process_time()
@@ -166,6 +198,7 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         losses.append(loss.item())
+    gathers_per_step = count.calls / args.steps  # before the adapter is gathered to be saved
     trainable = sum(zero.full_numel(q) for q in eng.module.parameters() if q.requires_grad)
     with tempfile.TemporaryDirectory() as tmp:
         nbytes = adapter_bytes(eng, args.impl, tmp)
@@ -174,6 +207,7 @@ def main() -> None:
               "median_step_cpu_s": statistics.median(cpu[args.warmup:]),
               "peak_rss_mb": memory_mb(), "first_loss": losses[0], "losses": losses, "trainable": trainable,
               "adapter_bytes": nbytes, "world_size": zero.world_size(), "args": vars(args),
+              "all_gathers_per_step": gathers_per_step,
               **gather_report(gathered, predicted)}
     results = zero.all_gather_object(result)
     if zero.rank() == 0:

@@ -57,7 +57,7 @@ def report(s: dict) -> None:
         t.add_row(w, f"{r['median_step_s']:.4f}", f"{r['median_step_cpu_s']:.4f}", f"{r['peak_rss_mb']:.0f}",
                   f"{held / 2**20:.2f}", f"{held / r['gathered_base_bytes']:.0%}",
                   f"{r['gathered_predicted_bytes'] / 2**20:.2f}")
-    Console(width=max(Console().width, 120)).print(t)
+    Console(width=max(Console().width, 120)).print(t)  # a pipe gets 80 columns: too narrow for the table
     print(f"step time ratio sized/deepspeed = {s['step_time_ratio']:.3f} (CPU time {s['step_cpu_ratio']:.3f}); "
           f"gathered base ratio = {s['gathered_ratio']:.3f}; loss curves "
           f"{'identical' if s['same_losses'] else 'DIFFER'} on every rank and step")

@@ -26,5 +26,8 @@ def test_same_start_same_loss_curve_as_peft(monkeypatch):
     assert abs(s["bigadapt"]["losses"][0][-1] - s["bigadapt"]["losses"][0][0]) > 1e-3
     # both files hold the same fp32 tensors; only names and metadata differ
     assert 0.9 < s["adapter_bytes_ratio"] < 1.1
+    # stock DeepSpeed re-gathers the 63 persistent tensors (10 per block with the adapter's A and B, ln_f, wpe)
+    # one call each after every step; bigadapt's engine in one call, with the same values (the curves above)
+    assert s["peft"]["all_gathers_per_step"] - s["bigadapt"]["all_gathers_per_step"] == 62, s
     # the floor side trains only each block's first norm (6 blocks x d 384): no adapter, same gradient path
     assert s["floor"]["trainable"] == 6 * 384 and abs(s["floor"]["first_loss"] - s["peft"]["first_loss"]) < 1e-6
