@@ -274,11 +274,12 @@ def coalesce_persistent_gather(optimizer) -> None:
     into a buffer holding only them. Same values; `bigadapt bench peft` counts the calls (98 -> 36 per step
     on its 6-block GPT-2)."""
     persistent = getattr(optimizer, "persistent_parameters", None)  # the list DeepSpeed's _post_step gathers
-    if not persistent:
+    if not persistent or not hasattr(optimizer, "_post_step"):  # another DeepSpeed: leave it its own way
         return
     ours = [p for p in persistent if p.ds_tensor.dtype.is_floating_point and not hasattr(p.ds_tensor, "ds_quant_scale")
             and p.ds_process_group is persistent[0].ds_process_group]
-    persistent[:] = [p for p in persistent if all(p is not q for q in ours)]  # the rest: DeepSpeed's way
+    taken = {id(p) for p in ours}
+    persistent[:] = [p for p in persistent if id(p) not in taken]  # the rest (quantized, other groups): DeepSpeed's
     post_step = optimizer._post_step
 
     def _post_step(*args, **kwargs):
