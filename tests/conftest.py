@@ -58,6 +58,15 @@ def zero3_engine(**sections):
     return eng
 
 
+@pytest.fixture
+def bench_launch(monkeypatch):
+    """What a user's shell gives a `bigadapt bench` run: the repo as working directory, this venv's deepspeed
+    launcher on PATH, the CPU accelerator."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+
 def env() -> dict:
     e = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
              PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # the venv's ninja: no JIT rebuilds

@@ -2,21 +2,14 @@
 same A (B = 0) on the same data, the two implementations must follow the same loss curve on every rank."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from bigadapt.bench.peft_compare import compare
 
-from ..conftest import BIN, REPO
-
 pytestmark = pytest.mark.distributed
 
 
-def test_same_start_same_loss_curve_as_peft(monkeypatch):
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+def test_same_start_same_loss_curve_as_peft(bench_launch):
     s = compare(ranks=2, rounds=1, extra=["--steps", "4", "--warmup", "1", "--micro-batch", "2",
                                           "--seq-len", "16", "--lr", "1e-2"])
     assert s["bigadapt"]["trainable"] == s["peft"]["trainable"] > 0

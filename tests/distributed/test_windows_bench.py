@@ -2,21 +2,14 @@
 a fraction of what DeepSpeed's own hold, within the accounting's prediction, and compute the same numbers."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from bigadapt.bench.windows import compare
 
-from ..conftest import BIN, REPO
-
 pytestmark = pytest.mark.distributed
 
 
-def test_windows_change_what_is_held_not_the_losses(monkeypatch):
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+def test_windows_change_what_is_held_not_the_losses(bench_launch):
     s = compare(ranks=2, rounds=1, extra=["--steps", "2", "--warmup", "3", "--micro-batch", "2",
                                           "--seq-len", "16", "--lr", "1e-2", "--layers", "8"])
     assert s["same_losses"] and len(s["sized"]["losses"]) == 2, s["sized"]["losses"]
