@@ -62,9 +62,10 @@ def test_memory_prediction_matches_measurement(two_rank_run, tmp_path):
 
 def test_no_rank_holds_the_whole_base_while_training(tmp_path):
     """In steady state (after DeepSpeed has traced the step) each rank's gathered base stays within the
-    windows sized from the model; DeepSpeed's own windows would keep nearly all of it gathered."""
+    windows sized from the model; DeepSpeed's own windows would keep nearly all of it gathered. The windows
+    change what is held, never what is computed."""
     deep = dict(tiny_config(tmp_path)["model"]["arch"], n_layer=8)
-    held = {}
+    held, losses = {}, {}
     for name, windows in (("sized", {}), ("deepspeed_defaults", {"prefetch_bucket_size": 50_000_000,
                           "max_live_parameters": 10**9, "max_reuse_distance": 10**9})):
         run_dir = _run(tmp_path, name, 2, arch=deep, train={"max_steps": 5},
@@ -73,7 +74,9 @@ def test_no_rank_holds_the_whole_base_while_training(tmp_path):
         report = json.loads((run_dir / "accounting.json").read_text())
         held[name] = max(m["zero3_gather_buffers"] for m in report["measured"]) / whole
         assert held[name] * whole <= report["predicted"]["zero3_gather_buffers"]
+        losses[name] = train_losses(run_dir)
     assert held["sized"] < 0.35 and held["deepspeed_defaults"] > 0.9, held
+    assert losses["sized"] == losses["deepspeed_defaults"] and len(losses["sized"]) == 5
 
 
 def test_adapter_file_holds_only_trainable_tensors_at_full_shape(two_rank_run):
