@@ -280,12 +280,14 @@ def coalesce_persistent_gather(optimizer) -> None:
             and p.ds_process_group is persistent[0].ds_process_group]
     taken = {id(p) for p in ours}
     persistent[:] = [p for p in persistent if id(p) not in taken]  # the rest (quantized, other groups): DeepSpeed's
+    groups = [[p for p in ours if p.ds_tensor.dtype == dtype]  # model order: the same on every rank
+              for dtype in dict.fromkeys(p.ds_tensor.dtype for p in ours)]
     post_step = optimizer._post_step
 
     def _post_step(*args, **kwargs):
         post_step(*args, **kwargs)
-        for dtype in dict.fromkeys(p.ds_tensor.dtype for p in ours):  # model order: the same on every rank
-            _gather_whole([p for p in ours if p.ds_tensor.dtype == dtype])
+        for params in groups:
+            _gather_whole(params)
 
     optimizer._post_step = _post_step  # called by the optimizer's step(), after the update
 
@@ -306,6 +308,24 @@ def _gather_whole(params: list) -> None:
         offset += size
 
 
+class AllGatherCount:
+    """The all-gather calls DeepSpeed issues from now on (its comm module is looked up at every call, so
+    wrapping it counts them all): collective calls per step, deterministic where times are noisy. For
+    benchmarks; the wrapping stays for the life of the process."""
+
+    def __init__(self):
+        from deepspeed import comm as dist
+        self.calls = 0
+        for name in ("all_gather_into_tensor", "allgather_fn"):
+            setattr(dist, name, self._counting(getattr(dist, name)))
+
+    def _counting(self, fn):
+        def wrapper(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+
 class GatheredPeak:
     """*Local.* The most bytes of partitioned base this rank holds gathered at once while `active`, sampled as
     each module with partitioned parameters computes: in forward once DeepSpeed has fetched them, in backward
@@ -316,6 +336,7 @@ class GatheredPeak:
     def __init__(self, model):
         self.params = [p for p in model.parameters() if is_zero(p) and not getattr(p, "ds_persist", False)]
         watched = {id(p) for p in self.params}
+        self.whole = sum(p.ds_numel * p.ds_tensor.element_size() for p in self.params)  # all of it gathered
         self.peak, self.active = 0, False
         for m in model.modules():  # inactive outside the watched steps: a flag test per module
             if any(id(p) in watched for p in m.parameters(recurse=False)):

@@ -32,12 +32,18 @@ def run_side(impl: str, ranks: int, extra: list[str], out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def compare(ranks: int = 2, rounds: int = 2, extra: list[str] = ()) -> dict:
-    results: dict[str, list[dict]] = {impl: [] for impl in SIDES}
+def alternately(sides: tuple[str, ...], rounds: int, launch) -> dict[str, list[dict]]:
+    """launch(side, out) for every side, A B B A ... so slow drift of the machine hits every side alike."""
+    results: dict[str, list[dict]] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(rounds):
-            for impl in SIDES if i % 2 == 0 else SIDES[::-1]:
-                results[impl].append(run_side(impl, ranks, list(extra), Path(tmp) / f"{impl}-{i}.json"))
+            for side in sides if i % 2 == 0 else sides[::-1]:
+                results[side].append(launch(side, Path(tmp) / f"{side}-{i}.json"))
+    return results
+
+
+def compare(ranks: int = 2, rounds: int = 2, extra: list[str] = ()) -> dict:
+    results = alternately(SIDES, rounds, lambda impl, out: run_side(impl, ranks, list(extra), out))
     summary = {impl: {"median_step_s": statistics.median(r["median_step_s"] for r in rs),
                       "median_step_cpu_s": statistics.median(r["median_step_cpu_s"] for r in rs),
                       "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "first_loss": rs[0]["first_loss"],

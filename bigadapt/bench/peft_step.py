@@ -57,9 +57,10 @@ def arch(args) -> dict:
 def build(args):
     world = zero.world_size()
     ours, theirs = TARGETS[args.arch]
+    a = arch(args)
     windows = accounting.DS_WINDOWS if args.windows == "deepspeed" else {}  # else sized from the model
     cfg = config_from_dict({
-        "model": {"arch": arch(args), "objective": "causal_lm"},
+        "model": {"arch": a, "objective": "causal_lm"},
         "method": {"r": args.r, "alpha": 2 * args.r, "targets": ours},
         "train": {"batch_size": args.micro_batch * world, "micro_batch": args.micro_batch, "lr": args.lr},
         "zero": {"stage": args.stage, "param_persistence_threshold": args.persistence, **windows},
@@ -68,7 +69,7 @@ def build(args):
     shape = accounting.shapes(cfg)[0]  # before register_for_loading: a meta build under it would be partitioned
     conf = engine.ds_config(cfg, world, 1, shape)
     if args.impl == "peft" and args.peer_config == "hf":  # or peft as its users configure DeepSpeed
-        conf = hf_zero3(conf, arch(args).get("n_embd") or arch(args)["hidden_size"])
+        conf = hf_zero3(conf, a.get("n_embd") or a["hidden_size"])
     zero.register_for_loading(conf)
     model = base_model.build_base(cfg.model, 0)
     if args.impl == "bigadapt":
@@ -98,23 +99,6 @@ def peer_engine(model, cfg, conf: dict):
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay,
                             foreach=True)
     return deepspeed.initialize(model=model, optimizer=opt, config=conf, model_parameters=params)[0]
-
-
-class GatherCount:
-    """All-gather calls DeepSpeed issues (its comm module is looked up at every call, so wrapping it counts
-    them all): the collective calls per step, deterministic where times are noisy."""
-
-    def __init__(self):
-        import deepspeed.comm as dcomm
-        self.calls = 0
-        for name in ("all_gather_into_tensor", "allgather_fn"):
-            setattr(dcomm, name, self._counting(getattr(dcomm, name)))
-
-    def _counting(self, fn):
-        def wrapper(*args, **kwargs):
-            self.calls += 1
-            return fn(*args, **kwargs)
-        return wrapper
 
 
 def same_start(model) -> None:
@@ -153,8 +137,8 @@ def gather_report(gathered, predicted: int) -> dict:
     base and the accounting's prediction of it (bytes)."""
     if gathered is None:
         return {}
-    base = sum(zero.full_numel(q) * q.ds_tensor.element_size() for q in gathered.params)
-    return {"gathered_peak_bytes": gathered.peak, "gathered_base_bytes": base, "gathered_predicted_bytes": predicted}
+    return {"gathered_peak_bytes": gathered.peak, "gathered_base_bytes": gathered.whole,
+            "gathered_predicted_bytes": predicted}
 
 
 def main() -> None:
@@ -183,7 +167,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(1 + zero.rank())
     x = torch.randint(1, 4096, (args.micro_batch, args.seq_len), generator=g).to(eng.device)
     gathered = zero.GatheredPeak(eng.module) if args.stage == 3 else None
-    count = GatherCount()
+    count = zero.AllGatherCount()
     times, cpu, losses = [], [], []
     for i in range(args.warmup + args.steps):
         if i == args.warmup:

@@ -10,24 +10,17 @@ computed: the loss curves must be identical.
 from __future__ import annotations
 
 import statistics
-import tempfile
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from .peft_compare import run_side
+from .peft_compare import alternately, run_side
 
 SIDES = ("sized", "deepspeed")
 
 
 def compare(ranks: int = 2, rounds: int = 2, extra: list[str] = ()) -> dict:
-    results: dict[str, list[dict]] = {w: [] for w in SIDES}
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(rounds):
-            for w in SIDES if i % 2 == 0 else SIDES[::-1]:
-                out = Path(tmp) / f"{w}-{i}.json"
-                results[w].append(run_side("bigadapt", ranks, [*extra, "--windows", w], out))
+    results = alternately(SIDES, rounds, lambda w, out: run_side("bigadapt", ranks, [*extra, "--windows", w], out))
     summary = {w: {"median_step_s": statistics.median(r["median_step_s"] for r in rs),
                    "median_step_cpu_s": statistics.median(r["median_step_cpu_s"] for r in rs),
                    "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
