@@ -2,9 +2,10 @@
 
 Both sides share the base, DeepSpeed config (by default), optimizer, data and training step. `bigadapt` is
 bigadapt's LoRA module under bigadapt's engine; `peft` is huggingface/peft's LoraModel under DeepSpeed as a
-peft user drives it (`peer_engine`). A third side, `floor`, trains only each block's first norm under
-bigadapt's engine: the same backward through every layer and the same ZeRO-3 gathers with no adapter compute,
-the step no LoRA implementation on that engine can beat. Both adapters start from the same A (drawn here, per
+peft user drives it (`peer_engine`). A third side, `floor`, trains only the adapted projections' biases under
+bigadapt's engine: the gradient reaches the same outputs through the same ZeRO-3 gathers, with no adapter
+compute. It is a reference, not a bound: measured, bigadapt's LoRA step is faster than it (its all-gathers wait
+longer; the module trace, and so ZeRO-3's prefetch, differs). Both adapters start from the same A (drawn here, per
 wrapped module in model order) and B = 0, so the two loss curves must agree step by step; at the end each side
 writes its adapter file as it would for a user (bigadapt: the trainable tensors in safetensors; peft:
 `save_pretrained`) and the bytes are reported.
@@ -33,8 +34,10 @@ ARCHS = {
 }
 # the same modules on both sides (PEFT has no per-slice LoRA on GPT-2's fused c_attn)
 TARGETS = {"gpt2-small": (["attn.c_attn"], ["c_attn"]), "llama-small": (["q", "v"], ["q_proj", "v_proj"])}
-# the floor side's only trainable tensors: each block's first norm, just before the adapted projections
-FLOOR = {"gpt2-small": ".ln_1.weight", "llama-small": ".input_layernorm.weight"}
+SIDES = ("bigadapt", "peft", "floor")
+# the floor side's only trainable tensors: the adapted projection's bias, where LoRA's B adds its output (Llama's
+# q_proj has none: the norm just before it)
+FLOOR = {"gpt2-small": ".attn.c_attn.bias", "llama-small": ".input_layernorm.weight"}
 
 
 def hf_zero3(conf: dict, hidden: int) -> dict:
@@ -54,7 +57,7 @@ def arch(args) -> dict:
     return a
 
 
-def build(args):
+def build(args, impl: str):
     world = zero.world_size()
     ours, theirs = TARGETS[args.arch]
     a = arch(args)
@@ -68,13 +71,13 @@ def build(args):
     # by default every side runs under the same config, sized from bigadapt's view of the (same) base
     shape = accounting.shapes(cfg)[0]  # before register_for_loading: a meta build under it would be partitioned
     conf = engine.ds_config(cfg, world, 1, shape)
-    if args.impl == "peft" and args.peer_config == "hf":  # or peft as its users configure DeepSpeed
+    if impl == "peft" and args.peer_config == "hf":  # or peft as its users configure DeepSpeed
         conf = hf_zero3(conf, a.get("n_embd") or a["hidden_size"])
     zero.register_for_loading(conf)
     model = base_model.build_base(cfg.model, 0)
-    if args.impl == "bigadapt":
+    if impl == "bigadapt":
         methods.apply(model, cfg)
-    elif args.impl == "floor":
+    elif impl == "floor":
         # no adapter compute, the same gradient path: backward still runs through every layer and ZeRO-3
         # re-gathers the same base
         for n, q in model.named_parameters():
@@ -85,7 +88,7 @@ def build(args):
         model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=theirs,
                                                  lora_dropout=0.0, fan_in_fan_out=args.arch.startswith("gpt2")))
     same_start(model)
-    eng = peer_engine(model, cfg, conf) if args.impl == "peft" else engine.initialize(model, cfg, conf)[0]
+    eng = peer_engine(model, cfg, conf) if impl == "peft" else engine.initialize(model, cfg, conf)[0]
     predicted = accounting.gather_buffers(shape, cfg, accounting.Layout(world=world, stage=args.stage))
     return eng, predicted
 
@@ -141,9 +144,85 @@ def gather_report(gathered, predicted: int) -> dict:
             "gathered_predicted_bytes": predicted}
 
 
+def timed_step(eng, x: torch.Tensor) -> tuple[float, float, float]:
+    """One training step: (wall s, process CPU s, loss). CPU time as well: on a shared CPU, wall time partly
+    measures the neighbours."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss = objectives.loss_sum(eng(input_ids=x).logits, x, "causal_lm") / x.numel()
+    eng.backward(loss)
+    eng.step()
+    return time.perf_counter() - t0, time.process_time() - c0, loss.item()
+
+
+def one_side(args, x: torch.Tensor) -> dict:
+    eng, predicted = build(args, args.impl)
+    x = x.to(eng.device)
+    gathered = zero.GatheredPeak(eng.module) if args.stage == 3 else None
+    count = zero.AllGatherCount()
+    times, cpu, losses = [], [], []
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            count.calls = 0
+        if gathered:  # two steady-state steps, as a training run watches them
+            gathered.active = args.warmup <= i < args.warmup + 2
+        wall, c, loss = timed_step(eng, x)
+        times.append(wall)
+        cpu.append(c)
+        losses.append(loss)
+    gathers_per_step = count.calls / args.steps  # before the adapter is gathered to be saved
+    trainable = sum(zero.full_numel(q) for q in eng.module.parameters() if q.requires_grad)
+    with tempfile.TemporaryDirectory() as tmp:
+        nbytes = adapter_bytes(eng, args.impl, tmp)
+    # every rank's losses: the comparison is per rank and step (each rank has its own data)
+    result = {"impl": args.impl, "median_step_s": statistics.median(times[args.warmup:]),
+              "median_step_cpu_s": statistics.median(cpu[args.warmup:]),
+              "peak_rss_mb": memory_mb(), "first_loss": losses[0], "losses": losses, "trainable": trainable,
+              "adapter_bytes": nbytes, "world_size": zero.world_size(), "args": vars(args),
+              "all_gathers_per_step": gathers_per_step,
+              **gather_report(gathered, predicted)}
+    results = zero.all_gather_object(result)
+    result["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)  # the worst rank decides what fits
+    result["median_step_s"] = max(r["median_step_s"] for r in results)
+    result["median_step_cpu_s"] = max(r["median_step_cpu_s"] for r in results)
+    if gathered:
+        result["gathered_peak_bytes"] = max(r["gathered_peak_bytes"] for r in results)
+    result["losses"] = [r["losses"] for r in results]
+    return result
+
+
+def interleaved(args, x: torch.Tensor) -> dict:
+    """Every side in this one process, one step each in turn (the order rotated every step). Separate launches
+    differ by more than the sides do on a shared CPU (a launch's threads, allocator and neighbours); here each
+    step's ratio is taken at one moment, in one process. Step times only: memory is the process's, not a side's."""
+    engines = {impl: build(args, impl)[0] for impl in SIDES}
+    x = x.to(engines["bigadapt"].device)
+    times = {impl: [] for impl in SIDES}
+    cpu = {impl: [] for impl in SIDES}
+    losses = {impl: [] for impl in SIDES}
+    for i in range(args.warmup + args.steps):
+        for impl in SIDES[i % len(SIDES):] + SIDES[:i % len(SIDES)]:  # each side first, middle and last alike
+            wall, c, loss = timed_step(engines[impl], x)
+            times[impl].append(wall)
+            cpu[impl].append(c)
+            losses[impl].append(loss)
+    ranks = zero.all_gather_object({"times": times, "cpu": cpu, "losses": losses})
+    # a step lasts as long as its slowest rank
+    slowest = {impl: [max(r["times"][impl][k] for r in ranks) for k in range(args.warmup, len(times[impl]))]
+               for impl in SIDES}
+    busiest = {impl: [max(r["cpu"][impl][k] for r in ranks) for k in range(args.warmup, len(cpu[impl]))]
+               for impl in SIDES}
+    sides = {impl: {"median_step_s": statistics.median(slowest[impl]),
+                    "median_step_cpu_s": statistics.median(busiest[impl]),
+                    "losses": [r["losses"][impl] for r in ranks]} for impl in SIDES}
+    paired = {f"{a}/{b}": statistics.median(x / y for x, y in zip(slowest[a], slowest[b]))
+              for a, b in (("bigadapt", "peft"), ("floor", "peft"), ("bigadapt", "floor"))}
+    return {"impl": "interleaved", "sides": sides, "paired": paired, "args": vars(args)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--impl", choices=["bigadapt", "peft", "floor"], required=True)
+    p.add_argument("--impl", choices=[*SIDES, "interleaved"], required=True,
+                   help="one side per launch, or every side in one launch taking steps in turn (step times only)")
     p.add_argument("--arch", choices=sorted(ARCHS), default="gpt2-small")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -163,44 +242,10 @@ def main() -> None:
     p.add_argument("--local_rank", type=int)
     args = p.parse_args()
     engine.init_distributed()
-    eng, predicted = build(args)
     g = torch.Generator().manual_seed(1 + zero.rank())
-    x = torch.randint(1, 4096, (args.micro_batch, args.seq_len), generator=g).to(eng.device)
-    gathered = zero.GatheredPeak(eng.module) if args.stage == 3 else None
-    count = zero.AllGatherCount()
-    times, cpu, losses = [], [], []
-    for i in range(args.warmup + args.steps):
-        if i == args.warmup:
-            count.calls = 0
-        if gathered:  # two steady-state steps, as a training run watches them
-            gathered.active = args.warmup <= i < args.warmup + 2
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss = objectives.loss_sum(eng(input_ids=x).logits, x, "causal_lm") / x.numel()
-        eng.backward(loss)
-        eng.step()
-        # process CPU time as well: on a shared CPU, wall time mostly measures the neighbours
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-        losses.append(loss.item())
-    gathers_per_step = count.calls / args.steps  # before the adapter is gathered to be saved
-    trainable = sum(zero.full_numel(q) for q in eng.module.parameters() if q.requires_grad)
-    with tempfile.TemporaryDirectory() as tmp:
-        nbytes = adapter_bytes(eng, args.impl, tmp)
-    # every rank's losses: the comparison is per rank and step (each rank has its own data)
-    result = {"impl": args.impl, "median_step_s": statistics.median(times[args.warmup:]),
-              "median_step_cpu_s": statistics.median(cpu[args.warmup:]),
-              "peak_rss_mb": memory_mb(), "first_loss": losses[0], "losses": losses, "trainable": trainable,
-              "adapter_bytes": nbytes, "world_size": zero.world_size(), "args": vars(args),
-              "all_gathers_per_step": gathers_per_step,
-              **gather_report(gathered, predicted)}
-    results = zero.all_gather_object(result)
+    x = torch.randint(1, 4096, (args.micro_batch, args.seq_len), generator=g)
+    result = interleaved(args, x) if args.impl == "interleaved" else one_side(args, x)
     if zero.rank() == 0:
-        result["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)  # the worst rank decides what fits
-        result["median_step_s"] = max(r["median_step_s"] for r in results)
-        result["median_step_cpu_s"] = max(r["median_step_cpu_s"] for r in results)
-        if gathered:
-            result["gathered_peak_bytes"] = max(r["gathered_peak_bytes"] for r in results)
-        result["losses"] = [r["losses"] for r in results]
         with open(args.out, "w") as f:
             json.dump(result, f)
 

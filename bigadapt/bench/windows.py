@@ -14,7 +14,7 @@ import statistics
 from rich.console import Console
 from rich.table import Table
 
-from .peft_compare import alternately, run_side
+from .peft_compare import alternately, paired, run_side, spread
 
 SIDES = ("sized", "deepspeed")
 
@@ -30,6 +30,7 @@ def compare(ranks: int = 2, rounds: int = 2, extra: list[str] = ()) -> dict:
                    "losses": rs[0]["losses"]} for w, rs in results.items()}
     s, d = summary["sized"], summary["deepspeed"]
     summary["step_time_ratio"] = s["median_step_s"] / d["median_step_s"]
+    summary["round_ratios"] = paired(results, "sized", "deepspeed")
     summary["step_cpu_ratio"] = s["median_step_cpu_s"] / d["median_step_cpu_s"]
     summary["gathered_ratio"] = s["gathered_peak_bytes"] / d["gathered_peak_bytes"]
     summary["same_losses"] = s["losses"] == d["losses"]
@@ -51,6 +52,7 @@ def report(s: dict) -> None:
                   f"{held / 2**20:.2f}", f"{held / r['gathered_base_bytes']:.0%}",
                   f"{r['gathered_predicted_bytes'] / 2**20:.2f}")
     Console(width=max(Console().width, 120)).print(t)  # a pipe gets 80 columns: too narrow for the table
-    print(f"step time ratio sized/deepspeed = {s['step_time_ratio']:.3f} (CPU time {s['step_cpu_ratio']:.3f}); "
+    print(f"step time ratio sized/deepspeed = {s['step_time_ratio']:.3f} "
+          f"(per round {spread(s['round_ratios'])}; CPU time {s['step_cpu_ratio']:.3f}); "
           f"gathered base ratio = {s['gathered_ratio']:.3f}; loss curves "
           f"{'identical' if s['same_losses'] else 'DIFFER'} on every rank and step")
