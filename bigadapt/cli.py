@@ -73,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--ranks", type=int, default=2)
     b.add_argument("--rounds", type=int, default=2, help="alternating launches per side")
     b.add_argument("--json", help="also write the numbers to this file")
+    b.add_argument("--live-memory", action="store_true",
+                   help="peft: launch with a fixed glibc mmap threshold, so peak RSS tracks the tensors alive at "
+                        "once rather than the allocator's history (step times then include page faults)")
     b.epilog = "Other flags go to each side, e.g. --arch llama-small --steps 40 --stage 3."
     a = sub.add_parser("analyze", help="LoRA paper §7 analyses of trained LoRA runs")
     a.add_argument("what", choices=["subspace", "amplification"],
@@ -117,6 +120,8 @@ def _dispatch(args) -> int:
         result = evaluate.evaluate_run(args.run, args.split, args.limit, settings, args.merged)
         print(" ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()), f"(n={result['n']}, {args.split})")
         return 0
+    if args.command == "bench" and args.live_memory and args.what != "peft":
+        raise BigadaptError("bench --live-memory: only `bench peft` takes it; drop the flag")
     if args.command == "bench" and args.what == "study":
         from .bench import study
         return study.main(args.rest)
@@ -136,7 +141,8 @@ def _dispatch(args) -> int:
 
         from .bench import peft_compare, windows
         bench = peft_compare if args.what == "peft" else windows
-        summary = bench.compare(args.ranks, args.rounds, args.rest)
+        summary = (peft_compare.compare(args.ranks, args.rounds, args.rest, args.live_memory) if bench is peft_compare
+                   else bench.compare(args.ranks, args.rounds, args.rest))
         bench.report(summary)
         if args.json:
             with open(args.json, "w") as f:

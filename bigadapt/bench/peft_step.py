@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -154,7 +155,16 @@ def timed_step(eng, x: torch.Tensor) -> tuple[float, float, float]:
     return time.perf_counter() - t0, time.process_time() - c0, loss.item()
 
 
+def resident_mb() -> float:
+    """Memory held now: allocated GPU memory, or this process's resident set on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def one_side(args, x: torch.Tensor) -> dict:
+    start_mb = resident_mb()  # the runtime (torch, DeepSpeed, transformers, the process group): alike on all sides
     eng, predicted = build(args, args.impl)
     x = x.to(eng.device)
     gathered = zero.GatheredPeak(eng.module) if args.stage == 3 else None
@@ -176,12 +186,15 @@ def one_side(args, x: torch.Tensor) -> dict:
     # every rank's losses: the comparison is per rank and step (each rank has its own data)
     result = {"impl": args.impl, "median_step_s": statistics.median(times[args.warmup:]),
               "median_step_cpu_s": statistics.median(cpu[args.warmup:]),
-              "peak_rss_mb": memory_mb(), "first_loss": losses[0], "losses": losses, "trainable": trainable,
+              "peak_rss_mb": memory_mb(), "start_rss_mb": start_mb, "first_loss": losses[0], "losses": losses,
+              "trainable": trainable,
               "adapter_bytes": nbytes, "world_size": zero.world_size(), "args": vars(args),
               "all_gathers_per_step": gathers_per_step,
               **gather_report(gathered, predicted)}
     results = zero.all_gather_object(result)
     result["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)  # the worst rank decides what fits
+    # what the model, adapter, engine and steps added to the runtime
+    result["peak_above_start_mb"] = max(r["peak_rss_mb"] - r["start_rss_mb"] for r in results)
     result["median_step_s"] = max(r["median_step_s"] for r in results)
     result["median_step_cpu_s"] = max(r["median_step_cpu_s"] for r in results)
     if gathered:
@@ -190,39 +203,9 @@ def one_side(args, x: torch.Tensor) -> dict:
     return result
 
 
-def interleaved(args, x: torch.Tensor) -> dict:
-    """Every side in this one process, one step each in turn (the order rotated every step). Separate launches
-    differ by more than the sides do on a shared CPU (a launch's threads, allocator and neighbours); here each
-    step's ratio is taken at one moment, in one process. Step times only: memory is the process's, not a side's."""
-    engines = {impl: build(args, impl)[0] for impl in SIDES}
-    x = x.to(engines["bigadapt"].device)
-    times = {impl: [] for impl in SIDES}
-    cpu = {impl: [] for impl in SIDES}
-    losses = {impl: [] for impl in SIDES}
-    for i in range(args.warmup + args.steps):
-        for impl in SIDES[i % len(SIDES):] + SIDES[:i % len(SIDES)]:  # each side first, middle and last alike
-            wall, c, loss = timed_step(engines[impl], x)
-            times[impl].append(wall)
-            cpu[impl].append(c)
-            losses[impl].append(loss)
-    ranks = zero.all_gather_object({"times": times, "cpu": cpu, "losses": losses})
-    # a step lasts as long as its slowest rank
-    slowest = {impl: [max(r["times"][impl][k] for r in ranks) for k in range(args.warmup, len(times[impl]))]
-               for impl in SIDES}
-    busiest = {impl: [max(r["cpu"][impl][k] for r in ranks) for k in range(args.warmup, len(cpu[impl]))]
-               for impl in SIDES}
-    sides = {impl: {"median_step_s": statistics.median(slowest[impl]),
-                    "median_step_cpu_s": statistics.median(busiest[impl]),
-                    "losses": [r["losses"][impl] for r in ranks]} for impl in SIDES}
-    paired = {f"{a}/{b}": statistics.median(x / y for x, y in zip(slowest[a], slowest[b]))
-              for a, b in (("bigadapt", "peft"), ("floor", "peft"), ("bigadapt", "floor"))}
-    return {"impl": "interleaved", "sides": sides, "paired": paired, "args": vars(args)}
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--impl", choices=[*SIDES, "interleaved"], required=True,
-                   help="one side per launch, or every side in one launch taking steps in turn (step times only)")
+    p.add_argument("--impl", choices=SIDES, required=True)
     p.add_argument("--arch", choices=sorted(ARCHS), default="gpt2-small")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
@@ -244,7 +227,7 @@ def main() -> None:
     engine.init_distributed()
     g = torch.Generator().manual_seed(1 + zero.rank())
     x = torch.randint(1, 4096, (args.micro_batch, args.seq_len), generator=g)
-    result = interleaved(args, x) if args.impl == "interleaved" else one_side(args, x)
+    result = one_side(args, x)
     if zero.rank() == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)

@@ -14,6 +14,11 @@ def test_analyze_wrong_number_of_runs_is_a_user_error(capsys):
     assert "expects 2 run directories" in capsys.readouterr().err
 
 
+def test_live_memory_is_only_for_the_peft_bench(capsys):
+    assert cli.main(["bench", "latency", "--live-memory"]) == 2
+    assert "only `bench peft` takes it" in capsys.readouterr().err
+
+
 def test_latency_smoke_reports_every_variant():
     result = latency.main(["--layers", "1", "--scale", "0.0625", "--cells", "1x8,2x8", "--trials", "2",
                            "--warmup", "0", "--adapter-r", "4"])

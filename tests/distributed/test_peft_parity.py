@@ -24,6 +24,4 @@ def test_same_start_same_loss_curve_as_peft(bench_launch):
     assert s["peft"]["all_gathers_per_step"] - s["bigadapt"]["all_gathers_per_step"] == 62, s
     # the floor side trains only the adapted projections' biases (6 blocks x 3 x d 384): no adapter compute
     assert s["floor"]["trainable"] == 6 * 3 * 384 and abs(s["floor"]["first_loss"] - s["peft"]["first_loss"]) < 1e-6
-    # every side in one process, a step each in turn: each computes exactly what it computed alone
-    assert s["interleaved"]["max_loss_rel_diff_vs_alone"] == 0.0, s["interleaved"]
-    assert s["step_time_ratio"] == s["interleaved"]["paired"]["bigadapt/peft"] > 0
+    assert len(s["round_ratios"]) == 1 and s["peft"]["peak_above_start_mb"] > 0
