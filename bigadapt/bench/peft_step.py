@@ -164,7 +164,8 @@ def resident_mb() -> float:
 
 
 def one_side(args, x: torch.Tensor) -> dict:
-    start_mb = resident_mb()  # the runtime (torch, DeepSpeed, transformers, the process group): alike on all sides
+    import peft  # noqa: F401  every side loads the same libraries (peft's import alone is ~55 MiB of RSS)
+    start_mb = resident_mb()  # the runtime (torch, DeepSpeed, transformers, peft, the process group): alike
     eng, predicted = build(args, args.impl)
     x = x.to(eng.device)
     gathered = zero.GatheredPeak(eng.module) if args.stage == 3 else None
