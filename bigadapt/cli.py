@@ -140,9 +140,10 @@ def _dispatch(args) -> int:
         import json
 
         from .bench import peft_compare, windows
-        bench = peft_compare if args.what == "peft" else windows
-        summary = (peft_compare.compare(args.ranks, args.rounds, args.rest, args.live_memory) if bench is peft_compare
-                   else bench.compare(args.ranks, args.rounds, args.rest))
+        if args.what == "peft":
+            bench, summary = peft_compare, peft_compare.compare(args.ranks, args.rounds, args.rest, args.live_memory)
+        else:
+            bench, summary = windows, windows.compare(args.ranks, args.rounds, args.rest)
         bench.report(summary)
         if args.json:
             with open(args.json, "w") as f:

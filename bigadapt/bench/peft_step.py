@@ -4,11 +4,11 @@ Both sides share the base, DeepSpeed config (by default), optimizer, data and tr
 bigadapt's LoRA module under bigadapt's engine; `peft` is huggingface/peft's LoraModel under DeepSpeed as a
 peft user drives it (`peer_engine`). A third side, `floor`, trains only the adapted projections' biases under
 bigadapt's engine: the gradient reaches the same outputs through the same ZeRO-3 gathers, with no adapter
-compute. It is a reference, not a bound: measured, bigadapt's LoRA step is faster than it (its all-gathers wait
-longer; the module trace, and so ZeRO-3's prefetch, differs). Both adapters start from the same A (drawn here, per
-wrapped module in model order) and B = 0, so the two loss curves must agree step by step; at the end each side
-writes its adapter file as it would for a user (bigadapt: the trainable tensors in safetensors; peft:
-`save_pretrained`) and the bytes are reported.
+compute. It is a reference, not a bound: bigadapt's LoRA step measured faster than it in some rounds (its
+all-gathers wait longer; the module trace, and so ZeRO-3's prefetch, differs). Both adapters start from the
+same A (drawn here, per wrapped module in model order) and B = 0, so the two loss curves must agree step by
+step; at the end each side writes its adapter file as it would for a user (bigadapt: the trainable tensors in
+safetensors; peft: `save_pretrained`) and the bytes are reported.
 """
 from __future__ import annotations
 
