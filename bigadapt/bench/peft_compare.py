@@ -65,6 +65,11 @@ def spread(ratios: list[float]) -> str:
 def compare(ranks: int = 2, rounds: int = 2, extra: list[str] = (), live_memory: bool = False) -> dict:
     env = LIVE_MEMORY if live_memory else None
     results = alternately(SIDES, rounds, lambda impl, out: run_side(impl, ranks, list(extra), out, env))
+    if live_memory:  # else peak RSS would silently be the allocator's history, reported as live memory
+        seen = {t for rs in results.values() for r in rs for t in r["mmap_threshold"]}
+        if seen != {LIVE_MEMORY["MALLOC_MMAP_THRESHOLD_"]}:
+            raise SystemExit(f"--live-memory: the ranks ran with MALLOC_MMAP_THRESHOLD_ {sorted(seen)}, not "
+                             f"{LIVE_MEMORY['MALLOC_MMAP_THRESHOLD_']}: the launcher did not pass it on")
     summary = {impl: {"median_step_s": statistics.median(r["median_step_s"] for r in rs),
                       "median_step_cpu_s": statistics.median(r["median_step_cpu_s"] for r in rs),
                       "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),

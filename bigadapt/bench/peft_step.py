@@ -191,6 +191,8 @@ def one_side(args, x: torch.Tensor) -> dict:
               "trainable": trainable,
               "adapter_bytes": nbytes, "world_size": zero.world_size(), "args": vars(args),
               "all_gathers_per_step": gathers_per_step,
+              # as this rank's allocator saw it: the bench checks the launcher passed --live-memory's setting on
+              "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
               **gather_report(gathered, predicted)}
     results = zero.all_gather_object(result)
     result["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)  # the worst rank decides what fits
@@ -201,6 +203,7 @@ def one_side(args, x: torch.Tensor) -> dict:
     if gathered:
         result["gathered_peak_bytes"] = max(r["gathered_peak_bytes"] for r in results)
     result["losses"] = [r["losses"] for r in results]
+    result["mmap_threshold"] = sorted({str(r["mmap_threshold"]) for r in results})
     return result
 
 
