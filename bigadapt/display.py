@@ -28,6 +28,14 @@ def memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def resident_mb() -> float:
+    """Memory held now, the counterpart of `memory_mb`: allocated GPU memory, or this process's RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def start_table(holdings: dict, trainable: list[tuple[str, str, int]], stage: int, accumulation: int) -> None:
     if zero.rank() != 0:
         return

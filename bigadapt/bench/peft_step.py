@@ -24,7 +24,7 @@ import torch
 from .. import accounting, engine, methods, objectives, zero
 from .. import model as base_model
 from ..config import config_from_dict
-from ..display import memory_mb
+from ..display import memory_mb, resident_mb
 
 ARCHS = {
     "gpt2-small": {"model_type": "gpt2", "n_layer": 6, "n_embd": 384, "n_head": 6, "vocab_size": 4096,
@@ -58,7 +58,8 @@ def arch(args) -> dict:
     return a
 
 
-def build(args, impl: str):
+def build(args):
+    impl = args.impl
     world = zero.world_size()
     ours, theirs = TARGETS[args.arch]
     a = arch(args)
@@ -155,18 +156,10 @@ def timed_step(eng, x: torch.Tensor) -> tuple[float, float, float]:
     return time.perf_counter() - t0, time.process_time() - c0, loss.item()
 
 
-def resident_mb() -> float:
-    """Memory held now: allocated GPU memory, or this process's resident set on CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.memory_allocated() / 2**20
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def one_side(args, x: torch.Tensor) -> dict:
     import peft  # noqa: F401  every side loads the same libraries (peft's import alone is ~55 MiB of RSS)
     start_mb = resident_mb()  # the runtime (torch, DeepSpeed, transformers, peft, the process group): alike
-    eng, predicted = build(args, args.impl)
+    eng, predicted = build(args)
     x = x.to(eng.device)
     gathered = zero.GatheredPeak(eng.module) if args.stage == 3 else None
     count = zero.AllGatherCount()
