@@ -65,11 +65,12 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("run")
     # no abbreviations: the rest goes to the bench itself (its --r is not this parser's --ranks or --rounds)
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios", allow_abbrev=False)
-    b.add_argument("what", choices=["peft", "windows", "latency", "throughput", "study"],
+    b.add_argument("what", choices=["peft", "windows", "latency", "throughput", "study", "section7"],
                    help="peft: LoRA training step vs huggingface/peft + DeepSpeed; windows: ZeRO-3 gather windows "
                         "sized from the model vs DeepSpeed's; latency: Table 1 forward latency; "
                         "throughput: LoRA vs full FT step time; study: BitFit/adapters/LoRA/full across data "
-                        "fractions and time budgets (options: python -m bigadapt.bench.latency -h, ...study -h)")
+                        "fractions and time budgets; section7: the paper's Fig. 3, Fig. 4 and Table 7 on LoRA "
+                        "adapters trained on a real model (options: python -m bigadapt.bench.latency -h, ...study -h)")
     b.add_argument("--ranks", type=int, default=2)
     b.add_argument("--rounds", type=int, default=2, help="alternating launches per side")
     b.add_argument("--json", help="also write the numbers to this file")
@@ -122,9 +123,9 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "bench" and args.live_memory and args.what != "peft":
         raise BigadaptError("bench --live-memory: only `bench peft` takes it; drop the flag")
-    if args.command == "bench" and args.what == "study":
-        from .bench import study
-        return study.main(args.rest)
+    if args.command == "bench" and args.what in ("study", "section7"):
+        from .bench import section7, study
+        return (study if args.what == "study" else section7).main(args.rest)
     if args.command == "bench" and args.what not in ("peft", "windows"):
         from .bench import latency, throughput
         bench = latency if args.what == "latency" else throughput

@@ -33,15 +33,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
-def load_trained(path: str | Path):
-    """(model with the adapter loaded, manifest, run config), rebuilt on the CPU from the manifest."""
+def load_trained(path: str | Path, untrained: bool = False):
+    """(model with the adapter loaded, manifest, run config), rebuilt on the CPU from the manifest.
+    untrained=True: the adapter as the run initialised it instead (drawn again from its seed)."""
     ckpt = resolve_checkpoint(path)
     manifest = checkpoint.verify(ckpt)
     cfg = config_from_dict(manifest["config"])
     model = base_model.build_base(cfg.model, cfg.train.seed)
     base_fp = checkpoint.fingerprint(model, exclude=targets.head_prefixes(model))
-    methods.apply(model, cfg)
-    checkpoint.load_adapter(ckpt, model, base_fp)
+    methods.apply_seeded(model, cfg)
+    if not untrained:
+        checkpoint.load_adapter(ckpt, model, base_fp)
     return model.eval(), manifest, cfg
 
 

@@ -67,8 +67,7 @@ def run(cfg: RunConfig, resume: str | None = None) -> int:
     zero.register_for_loading(conf)
     model = base_model.build_base(cfg.model, cfg.train.seed)
     base_fp = checkpoint.fingerprint(model, exclude=targets.head_prefixes(model))
-    torch.manual_seed(cfg.train.seed + 1)  # same adapter init on every rank
-    methods.apply(model, cfg)
+    methods.apply_seeded(model, cfg)  # the same adapter init on every rank
     eng, optimizer = engine.initialize(model, cfg, conf)
     zero.unregister()
 

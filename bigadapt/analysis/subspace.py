@@ -124,11 +124,12 @@ def _natural(key: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
 
 
-def load_factors(run: str) -> tuple[dict[str, Factors], dict]:
-    """A run or checkpoint directory -> its LoRA factors and run config (CPU, no DeepSpeed)."""
+def load_factors(run: str, untrained: bool = False) -> tuple[dict[str, Factors], dict]:
+    """A run or checkpoint directory -> its LoRA factors and run config (CPU, no DeepSpeed). untrained=True:
+    the factors the run started from (A as its seed drew it, B = 0): the control for what training changed."""
     from ..errors import BigadaptError
     from ..export import load_trained
-    model, _, cfg = load_trained(run)
+    model, _, cfg = load_trained(run, untrained)
     if cfg.method.name not in ("lora", "lora+pe", "lora+pl"):
         raise BigadaptError(f"{run}: subspace analysis needs a LoRA run; this one used {cfg.method.name!r}")
     return lora_factors(model), cfg.to_dict()

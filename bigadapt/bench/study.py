@@ -60,32 +60,36 @@ def complete(run_dir: Path) -> bool:
 
 
 def run_cells(args) -> None:
-    out = Path(args.out)
+    cfgs = [cell_config(args, task, method, fraction)
+            for fraction in args.fractions for task in args.tasks for method in args.methods]
+    run_configs(Path(args.out), cfgs)
+
+
+def run_configs(out: Path, cfgs: list[dict]) -> None:
+    """Train each config in its own process, one after another, skipping complete runs (so an interrupted
+    driver continues where it stopped); a log and the load beside each run go next to its YAML in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     repo = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["HF_HUB_OFFLINE"] = "1"  # a local model directory; never wait on the hub
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    for fraction in args.fractions:
-        for task in args.tasks:
-            for method in args.methods:
-                cfg = cell_config(args, task, method, fraction)
-                run_dir = Path(cfg["run_dir"])
-                if complete(run_dir):
-                    continue
-                path = out / f"{run_dir.name}.yaml"
-                path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-                t0, load0 = time.time(), os.getloadavg()[0]
-                with open(out / f"{run_dir.name}.log", "w") as log:
-                    rc = subprocess.run([sys.executable, str(repo / "launch/train.py"), "--config", str(path)],
-                                        env=env, cwd=repo, stdout=log, stderr=subprocess.STDOUT).returncode
-                # the load beside each cell: a wall-clock budget buys fewer steps on a busy machine
-                cell = {"wall_s": round(time.time() - t0, 1), "load_start": load0, "load_end": os.getloadavg()[0],
-                        "exit": rc}
-                (out / f"{run_dir.name}.cell.json").write_text(json.dumps(cell))
-                status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {run_dir.name}.log)"
-                print(f"{run_dir.name}: {status} in {cell['wall_s']:.0f} s, load {load0:.1f} -> "
-                      f"{cell['load_end']:.1f}", flush=True)
+    for cfg in cfgs:
+        run_dir = Path(cfg["run_dir"])
+        if complete(run_dir):
+            continue
+        path = out / f"{run_dir.name}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        t0, load0 = time.time(), os.getloadavg()[0]
+        with open(out / f"{run_dir.name}.log", "w") as log:
+            rc = subprocess.run([sys.executable, str(repo / "launch/train.py"), "--config", str(path)],
+                                env=env, cwd=repo, stdout=log, stderr=subprocess.STDOUT).returncode
+        # the load beside each run: a wall-clock budget buys fewer steps on a busy machine
+        cell = {"wall_s": round(time.time() - t0, 1), "load_start": load0, "load_end": os.getloadavg()[0],
+                "exit": rc}
+        (out / f"{run_dir.name}.cell.json").write_text(json.dumps(cell))
+        status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {run_dir.name}.log)"
+        print(f"{run_dir.name}: {status} in {cell['wall_s']:.0f} s, load {load0:.1f} -> "
+              f"{cell['load_end']:.1f}", flush=True)
 
 
 def collect(out: Path) -> list[dict]:

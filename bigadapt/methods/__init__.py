@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 
+import torch
 from torch import nn
 
 from .. import targets as tg
@@ -44,3 +45,10 @@ def apply(model: nn.Module, cfg) -> list[str]:
         for prefix in tg.head_prefixes(model):
             model.get_submodule(prefix).requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def apply_seeded(model: nn.Module, cfg) -> list[str]:
+    """`apply` with the adapter's init drawn from the run's seed: the same on every rank, and rebuilt exactly
+    afterwards by anything that needs the untrained adapter (the §7 analyses' controls)."""
+    torch.manual_seed(cfg.train.seed + 1)
+    return apply(model, cfg)
