@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             p.error(f"--runs: unknown {bad}; use some of {','.join(RUNS)}")
         from .study import run_configs
-        run_configs(Path(args.out), [run_config(args, n) for n in args.runs])
-        return 0
+        return run_configs(Path(args.out), [run_config(args, n) for n in args.runs])
     from .section7_report import report
     return report(Path(args.out), args.png)
 

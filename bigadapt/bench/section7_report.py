@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import yaml
 
 from ..analysis import amplification, subspace
@@ -37,10 +36,6 @@ def final_eval(run_dir: Path) -> dict:
     return [r for r in records if r.get("split") == "eval"][-1]
 
 
-def grid(fa: dict[str, Factors], fb: dict[str, Factors], basis: str = "A") -> dict[str, torch.Tensor]:
-    return subspace.subspace_similarity(fa, fb, basis)
-
-
 def moved(trained: Factors, init: Factors) -> float:
     """||A - A_0||_F / ||A_0||_F: how far training took A from its init."""
     return float((trained.A - init.A).norm() / init.A.norm())
@@ -64,8 +59,8 @@ def phi_table(pair: tuple[str, str], trained: dict, init: dict, cells: list[tupl
     """φ over A's row space at `cells` (trained, then the init control, then random subspaces), and φ(1,1)
     over ΔW's column space. Returns the table and the trained A-basis grids (for the heat map)."""
     a, b = pair
-    g_t, g_0 = grid(trained[a], trained[b]), grid(init[a], init[b])
-    g_dw = grid(trained[a], trained[b], "dW")
+    g_t, g_0 = subspace.subspace_similarity(trained[a], trained[b]), subspace.subspace_similarity(init[a], init[b])
+    g_dw = subspace.subspace_similarity(trained[a], trained[b], "dW")
     d = next(iter(trained[a].values())).A.shape[1]
     head = " | ".join(f"φ({i},{j})" for i, j in cells)
     lines = [f"| projection | {head} | init φ(1,1) | init φ({cells[-1][0]},{cells[-1][1]}) | ΔW φ(1,1) |",

@@ -59,15 +59,17 @@ def complete(run_dir: Path) -> bool:
     return (run_dir / "accounting.json").exists()  # written after the final eval and save
 
 
-def run_cells(args) -> None:
+def run_cells(args) -> int:
     cfgs = [cell_config(args, task, method, fraction)
             for fraction in args.fractions for task in args.tasks for method in args.methods]
-    run_configs(Path(args.out), cfgs)
+    return run_configs(Path(args.out), cfgs)
 
 
-def run_configs(out: Path, cfgs: list[dict]) -> None:
+def run_configs(out: Path, cfgs: list[dict]) -> int:
     """Train each config in its own process, one after another, skipping complete runs (so an interrupted
-    driver continues where it stopped); a log and the load beside each run go next to its YAML in `out`."""
+    driver continues where it stopped); a log and the load beside each run go next to its YAML in `out`.
+    A failed run does not stop the others; the exit code of the first failure is returned (0: none)."""
+    first_failure = 0
     out.mkdir(parents=True, exist_ok=True)
     repo = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
@@ -87,9 +89,11 @@ def run_configs(out: Path, cfgs: list[dict]) -> None:
         cell = {"wall_s": round(time.time() - t0, 1), "load_start": load0, "load_end": os.getloadavg()[0],
                 "exit": rc}
         (out / f"{run_dir.name}.cell.json").write_text(json.dumps(cell))
-        status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {run_dir.name}.log)"
+        status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {out / run_dir.name}.log)"
+        first_failure = first_failure or rc
         print(f"{run_dir.name}: {status} in {cell['wall_s']:.0f} s, load {load0:.1f} -> "
               f"{cell['load_end']:.1f}", flush=True)
+    return first_failure
 
 
 def collect(out: Path) -> list[dict]:
@@ -199,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = [t for t in args.tasks if t not in TASKS] + [m for m in args.methods if m not in METHODS]
         if bad:
             p.error(f"unknown task/method {bad}; tasks: {','.join(TASKS)}; methods: {','.join(METHODS)}")
-        run_cells(args)
-        return 0
+        return run_cells(args)
     rows = collect(Path(args.out))
     first = [r for r in rows if r["seed"] == min(x["seed"] for x in rows)] if rows else []
     print(table(first))  # one seed per cell; the others only measure the spread

@@ -76,3 +76,11 @@ def test_report_names_the_missing_runs(tmp_path):
     from bigadapt.errors import BigadaptError
     with pytest.raises(BigadaptError, match="no complete run for r4, r8, r64, r64-seed1"):
         section7_report.report(tmp_path)
+
+
+def test_failed_run_fails_the_driver(tmp_path):
+    proc = run_cli("bench", "section7", "run", "--model", str(tmp_path / "no-model"), "--glue", str(tmp_path),
+                   "--out", str(tmp_path / "out"), "--runs", "r4")
+    assert proc.returncode == 2, proc.stdout + proc.stderr  # the run's own user error, passed on
+    assert "sst2-lora-r4: FAILED (exit 2" in proc.stdout
+    assert "no-model" in (tmp_path / "out" / "sst2-lora-r4.log").read_text()
