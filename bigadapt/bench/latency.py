@@ -3,8 +3,10 @@
 One process, plain torch (no DeepSpeed: inference only), random weights. The shape is GPT-2 medium
 (24 layers, d = 1024, 16 heads, vocab 50257) shrunk by `--layers`/`--scale`; the vocabulary shrinks with
 d·L so the LM head keeps medium's share of the FLOPs (V/(12·d·L) ≈ 0.17). Every trial runs each variant
-once, in a rotated order, so machine drift and cache effects hit all variants alike; the median over trials
-is reported, with the % overhead vs the base measured in the same trials.
+once, in a rotated order, so machine drift and cache effects hit all variants alike. The overhead of a
+variant is the median over trials of its time / the base's time *in the same trial* (paired), with a 95%
+confidence interval of that median from order statistics (no distributional assumption): "within 1% of the
+base" is a claim the interval can support or refute, where a single ratio cannot.
 
 Variants: `base` (no method), `lora_merged` (ΔW added into W; the wrapper's forward is then one branch),
 `lora` (unmerged: two extra thin matmuls per adapted projection), `adapter_l`, `adapter_h` (bottleneck r).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import time
 
@@ -60,8 +63,9 @@ def build_variants(a: dict, lora_r: int, adapter_r: int, dtype: str) -> dict[str
     return {k: out[k].eval().requires_grad_(False) for k in VARIANTS}
 
 
-def time_cell(models: dict, batch: int, seq: int, vocab: int, trials: int, warmup: int, device) -> dict[str, float]:
-    """Median forward time (s) per variant; trial t runs the variants rotated by t."""
+def time_cell(models: dict, batch: int, seq: int, vocab: int, trials: int, warmup: int,
+              device) -> dict[str, list[float]]:
+    """Forward times (s) per variant, one per trial; trial t runs the variants rotated by t."""
     x = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(batch * seq)).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in models}
@@ -75,7 +79,22 @@ def time_cell(models: dict, batch: int, seq: int, vocab: int, trials: int, warmu
                 sync()
                 if t >= warmup:
                     times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def median_ci(values: list[float], z: float = 1.96) -> tuple[float, float, float]:
+    """(median, low, high): the sample median and the order statistics around it that cover the population
+    median with ~95% probability (binomial(n, 1/2) normal approximation; exact for no distribution)."""
+    v, n = sorted(values), len(values)
+    half = z * math.sqrt(n) / 2
+    lo, hi = max(0, math.floor(n / 2 - half) - 1), min(n - 1, math.ceil(n / 2 + half))
+    return statistics.median(v), v[lo], v[hi]
+
+
+def paired_overhead(times: dict[str, list[float]], variant: str) -> tuple[float, float, float]:
+    """% overhead vs base: median of per-trial ratios and its 95% interval."""
+    ratios = [100 * (x / b - 1) for x, b in zip(times[variant], times["base"])]
+    return median_ci(ratios)
 
 
 def parse_cells(spec: str) -> list[tuple[int, int]]:
@@ -110,13 +129,19 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"shape: GPT-2, {a['n_layer']} layers, d={a['n_embd']}, {a['n_head']} heads, vocab {a['vocab_size']}, "
           f"{args.dtype} on {device} ({torch.get_num_threads()} threads); LoRA r={args.lora_r} on q,v; "
           f"adapter r={adapter_r}; median of {args.trials} trials after {args.warmup} warm-up, variants interleaved")
-    print(f"{'batch x seq':>12s} {'base ms':>9s} " + " ".join(f"{k:>12s}" for k in VARIANTS[1:]))
+    print("overhead: median of per-trial time / base time, with its 95% interval")
+    print(f"{'batch x seq':>12s} {'base ms':>9s} " + " ".join(f"{k:>21s}" for k in VARIANTS[1:]))
     result = {"arch": a, "args": vars(args), "cells": []}
     for batch, seq in cells:
-        med = time_cell(models, batch, seq, a["vocab_size"], args.trials, args.warmup, device)
-        over = {k: 100 * (med[k] / med["base"] - 1) for k in VARIANTS[1:]}
-        print(f"{f'{batch} x {seq}':>12s} {1e3 * med['base']:9.2f} " + " ".join(f"{v:+11.1f}%" for v in over.values()))
-        result["cells"].append({"batch": batch, "seq": seq, "median_s": med, "overhead_pct": over})
+        times = time_cell(models, batch, seq, a["vocab_size"], args.trials, args.warmup, device)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        paired = {k: paired_overhead(times, k) for k in VARIANTS[1:]}
+        over = {k: m for k, (m, _, _) in paired.items()}
+        ci = {k: [lo, hi] for k, (_, lo, hi) in paired.items()}
+        print(f"{f'{batch} x {seq}':>12s} {1e3 * med['base']:9.2f} "
+              + " ".join(f"{m:+6.1f}% ({lo:+.1f}..{hi:+.1f})".rjust(21) for m, lo, hi in paired.values()))
+        result["cells"].append({"batch": batch, "seq": seq, "median_s": med, "overhead_pct": over,
+                                "overhead_ci95_pct": ci})
     return result
 
 

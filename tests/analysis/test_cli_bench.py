@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from bigadapt import cli
 from bigadapt.bench import latency
 
@@ -24,6 +27,16 @@ def test_latency_smoke_reports_every_variant():
                            "--warmup", "0", "--adapter-r", "4"])
     assert [(c["batch"], c["seq"]) for c in result["cells"]] == [(1, 8), (2, 8)]
     assert set(result["cells"][0]["overhead_pct"]) == {"lora_merged", "lora", "adapter_l", "adapter_h"}
+
+
+def test_latency_interval_is_the_median_ci():
+    assert latency.median_ci([float(v) for v in range(1, 101)]) == (50.5, 40.0, 61.0)  # n = 100: 40th, 61st
+    g = torch.Generator().manual_seed(0)  # it covers the true median (0.5) about 95% of the time
+    hits = [lo <= 0.5 <= hi for lo, hi in (latency.median_ci(torch.rand(100, generator=g).tolist())[1:]
+                                           for _ in range(400))]
+    assert 0.92 <= sum(hits) / len(hits) <= 0.99
+    base = [1.0, 2.0, 4.0]  # paired: each trial's variant against the base of the same trial
+    assert latency.paired_overhead({"base": base, "lora": [1.01, 2.02, 4.04]}, "lora")[0] == pytest.approx(1.0)
 
 
 def test_cells_parse():
