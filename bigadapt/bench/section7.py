@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .study import run_configs, run_parser
+
 # name -> (r, seed): Fig. 3 compares r8 with r64, Fig. 4 r64 with r64-seed1, Table 7 r4 and r64
 RUNS = {"r4": (4, 0), "r8": (8, 0), "r64": (64, 0), "r64-seed1": (64, 1)}
 TASKS = {"sst2": ("glue/sst2", 2), "mrpc": ("glue/mrpc", 2), "cola": ("glue/cola", 2), "rte": ("glue/rte", 2)}
@@ -38,10 +40,8 @@ def run_config(args, name: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bigadapt bench section7", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
-    r = sub.add_parser("run", help="train the missing adapters (one process each, ZeRO stage 0, all cores)")
-    r.add_argument("--model", required=True, help="local model directory (e.g. all-MiniLM-L6-v2) or hub id")
-    r.add_argument("--glue", required=True, help="folder holding the GLUE task folders (SST-2/, ...)")
-    r.add_argument("--out", default="runs/section7")
+    r = run_parser(sub, "train the missing adapters (one process each, ZeRO stage 0, all cores)",
+                   "the GLUE task folders (SST-2/, ...)", "runs/section7")
     r.add_argument("--task", choices=list(TASKS), default="sst2")
     r.add_argument("--steps", type=int, default=1000)
     r.add_argument("--lr", type=float, default=1e-3)
@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         bad = [n for n in args.runs if n not in RUNS]
         if bad:
             p.error(f"--runs: unknown {bad}; use some of {','.join(RUNS)}")
-        from .study import run_configs
         return run_configs(Path(args.out), [run_config(args, n) for n in args.runs])
     from .section7_report import report
     return report(Path(args.out), args.png)

@@ -181,13 +181,19 @@ def _eval_at(row: dict | None, mark: float) -> dict | None:
     return past[0] if past else evals[-1]
 
 
+def run_parser(sub, summary: str, glue_holds: str, out: str) -> argparse.ArgumentParser:
+    """The `run` subcommand of a driver over local GLUE runs: --model, --glue, --out."""
+    r = sub.add_parser("run", help=summary)
+    r.add_argument("--model", required=True, help="local model directory (e.g. all-MiniLM-L6-v2) or hub id")
+    r.add_argument("--glue", required=True, help=f"folder holding {glue_holds}")
+    r.add_argument("--out", default=out)
+    return r
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bigadapt bench study", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
-    r = sub.add_parser("run", help="run the missing cells")
-    r.add_argument("--model", required=True, help="local model directory (e.g. all-MiniLM-L6-v2) or hub id")
-    r.add_argument("--glue", required=True, help="folder holding MRPC/, CoLA/, STS-B/")
-    r.add_argument("--out", default="runs/study")
+    r = run_parser(sub, "run the missing cells", "MRPC/, CoLA/, STS-B/", "runs/study")
     r.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS))
     r.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     r.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 0.3])
