@@ -58,10 +58,11 @@ def case_config(root: Path, case: str, ranks: int) -> Path:
 
 
 def main(root: Path) -> int:
-    """Under the launcher: every case in these same ranks, one `bigadapt train` after another."""
+    """Under the launcher: every case in these same ranks, one `bigadapt train` after another. The configs
+    were written before the launch: a rank writing a file another rank is reading can hand it a partial one."""
     from bigadapt.cli import main as cli
     for case in CASES:
-        rc = cli(["train", "--config", str(case_config(root, case, 2))])
+        rc = cli(["train", "--config", str(root / f"{case}-2.yaml")])
         if rc:
             return rc
     return 0
@@ -70,6 +71,8 @@ def main(root: Path) -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("methods")
+    for case in CASES:
+        case_config(root, case, 2)
     check(launch(2, str(root), script="tests/distributed/test_methods.py", timeout=600))
     for case in SINGLE:
         check(run_cli("train", "--config", str(case_config(root, case, 1))))
