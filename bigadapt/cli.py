@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .errors import EXIT_USER_ERROR, BigadaptError
+from .errors import EXIT_USER_ERROR, BigadaptError, ConfigError
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -95,8 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except BigadaptError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"bigadapt: error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))
+        # a config error is the same on every rank: rank 0 says it once. Anything else (a data file or
+        # checkpoint one node cannot see) may be this rank's alone, and a silent rank leaves only its peers'
+        # "connection closed" to read: every rank says it, naming itself.
+        if rank == 0 or not isinstance(e, ConfigError):
+            print(f"bigadapt: error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

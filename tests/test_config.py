@@ -79,3 +79,13 @@ def test_launcher_user_error_exits_2(tmp_path):
     proc = launch(2, "--config", str(cfg), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("bigadapt: error: method.r=-1") + proc.stdout.count("bigadapt: error: method.r=-1") == 1
+
+
+def test_a_rank_other_than_0_names_itself_in_errors_only_it_may_have(tmp_path, monkeypatch, capsys):
+    from bigadapt import cli
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["eval", str(tmp_path / "no-run")]) == 2  # a checkpoint this rank cannot see
+    err = capsys.readouterr().err
+    assert err.startswith("bigadapt: error (rank 1): ") and "no-run" in err and err.count("\n") == 1
+    assert cli.main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2  # config errors: rank 0 says them
+    assert capsys.readouterr().err == ""
