@@ -84,7 +84,8 @@ def time_cell(models: dict, batch: int, seq: int, vocab: int, trials: int, warmu
 
 def median_ci(values: list[float], z: float = 1.96) -> tuple[float, float, float]:
     """(median, low, high): the sample median and the order statistics around it that cover the population
-    median with ~95% probability (binomial(n, 1/2) normal approximation; exact for no distribution)."""
+    median with ~95% probability, whatever the distribution (the count below the median is binomial(n, 1/2);
+    its normal approximation picks the ranks)."""
     v, n = sorted(values), len(values)
     half = z * math.sqrt(n) / 2
     lo, hi = max(0, math.floor(n / 2 - half) - 1), min(n - 1, math.ceil(n / 2 + half))

@@ -7,7 +7,6 @@ training added only where the trained value leaves the control behind.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
@@ -16,6 +15,7 @@ from ..analysis import amplification, subspace
 from ..analysis.subspace import Factors
 from ..errors import BigadaptError
 from .section7 import RUNS
+from .study import complete, run_evals
 
 FIG3, FIG4, TABLE7 = ("r8", "r64"), ("r64", "r64-seed1"), ("r4", "r64")
 
@@ -26,14 +26,9 @@ def find_runs(out: Path) -> dict[str, Path]:
     for path in sorted(out.glob("*.yaml")):
         name = path.stem.split("-lora-", 1)[-1]
         run_dir = Path(yaml.safe_load(path.read_text())["run_dir"])
-        if name in RUNS and (run_dir / "accounting.json").exists():
+        if name in RUNS and complete(run_dir):
             runs[name] = run_dir
     return {n: runs[n] for n in RUNS if n in runs}
-
-
-def final_eval(run_dir: Path) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return [r for r in records if r.get("split") == "eval"][-1]
 
 
 def moved(trained: Factors, init: Factors) -> float:
@@ -45,7 +40,7 @@ def runs_table(runs: dict[str, Path], cfgs: dict, trained: dict, init: dict) -> 
     lines = ["| run | r | seed | steps | final eval | mean ‖A−A₀‖/‖A₀‖ | mean ‖ΔW‖/‖W‖ |",
              "| --- | ---: | ---: | ---: | --- | ---: | ---: |"]
     for name, run_dir in runs.items():
-        ev = final_eval(run_dir)
+        ev = run_evals(run_dir)[-1]
         shown = ", ".join(f"{k} {v:.3f}" for k, v in ev.items() if k not in ("step", "split", "train_s"))
         keys = list(trained[name])
         a = sum(moved(trained[name][k], init[name][k]) for k in keys) / len(keys)

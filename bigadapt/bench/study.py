@@ -96,6 +96,12 @@ def run_configs(out: Path, cfgs: list[dict]) -> int:
     return first_failure
 
 
+def run_evals(run_dir: Path) -> list[dict]:
+    """A run's eval records (metrics.jsonl), in the order it wrote them."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return [r for r in records if r.get("split") == "eval"]
+
+
 def collect(out: Path) -> list[dict]:
     """One row per complete run: its cell and the evals at each training-clock mark."""
     rows = []
@@ -104,8 +110,7 @@ def collect(out: Path) -> list[dict]:
         run_dir = Path(cfg["run_dir"])
         if not complete(run_dir):
             continue
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-        evals = [r for r in records if r.get("split") == "eval"]
+        evals = run_evals(run_dir)
         task = cfg["data"]["task"].split("/")[1]
         state = json.loads(next((run_dir / "checkpoints").glob("step-*/state.json")).read_text())
         side = out / f"{run_dir.name}.cell.json"
