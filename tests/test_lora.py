@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from bigadapt.methods.lora import LoRA
+from bigadapt.methods.lora_branch import LoRABranch
 
 
 def reference(x, W, b, pieces, scaling):
@@ -135,3 +136,73 @@ def test_no_dropout_call_when_p_is_zero(monkeypatch):
 def test_rslora_scaling():
     assert LoRA(nn.Linear(4, 4), r=16, alpha=8.0, rslora=True).scaling == pytest.approx(8.0 / math.sqrt(16))
     assert LoRA(nn.Linear(4, 4), r=16, alpha=8.0).scaling == pytest.approx(0.5)
+
+
+# the branch's backward is written out (lora_branch.py): check it against autograd's own, everywhere it is used
+SPANS = {"whole": ((0, 12),), "q,v of qkv": ((0, 4), (8, 12)), "k": ((4, 8),)}
+
+
+@pytest.mark.parametrize("spans", SPANS.values(), ids=SPANS.keys())
+def test_branch_gradcheck(spans):
+    torch.manual_seed(6)
+    r = 2
+    y = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(len(spans) * r, 7, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(sum(b - a for a, b in spans), r, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: LoRABranch.apply(*t, 0.7, spans, r), (y, x, A, B))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "fused"])
+def test_module_gradients_match_reference(kind):
+    """A, B and the input's gradient through base + LoRA, against the paper's formula under plain autograd."""
+    torch.manual_seed(7)
+    d = 6
+    base = {"linear": lambda: nn.Linear(d, 3 * d), "conv1d": lambda: Conv1D(3 * d, d),
+            "fused": lambda: Conv1D(3 * d, d)}[kind]().requires_grad_(False)
+    lora = LoRA(base, r=2, alpha=3.0, **({"slices": (0, 2), "n_parts": 3} if kind == "fused" else {}))
+    randomize(lora)
+    x = torch.randn(2, 4, d, requires_grad=True)
+    A, B = lora.lora_A.detach().clone().requires_grad_(), lora.lora_B.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    W = base.weight.T if kind != "linear" else base.weight
+    pieces = ([((0, d), A[:2], B[:d]), ((2 * d, 3 * d), A[2:], B[d:])] if kind == "fused"
+              else [((0, 3 * d), A, B)])
+    g = torch.randn(2, 4, 3 * d)
+    (lora(x) * g).sum().backward()
+    (reference(xr, W, base.bias, pieces, 1.5) * g).sum().backward()
+    torch.testing.assert_close(lora.lora_A.grad, A.grad)
+    torch.testing.assert_close(lora.lora_B.grad, B.grad)
+    torch.testing.assert_close(x.grad, xr.grad)
+
+
+def test_bf16_base_gradients_reach_fp32_lora():
+    torch.manual_seed(8)
+    base = nn.Linear(8, 8).to(torch.bfloat16).requires_grad_(False)
+    lora = LoRA(base, r=2, alpha=2.0)
+    randomize(lora)
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    lora(x).float().sum().backward()
+    A, B = lora.lora_A.detach().clone().requires_grad_(), lora.lora_B.detach().clone().requires_grad_()
+    reference(x.float(), base.weight.float(), base.bias.float(), [((0, 8), A, B)], 1.0).sum().backward()
+    assert lora.lora_A.grad.dtype == torch.float32
+    torch.testing.assert_close(lora.lora_A.grad, A.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lora.lora_B.grad, B.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("kind", ["linear", "fused", "bf16"])
+def test_evaluation_path_equals_training_path(kind, mode):
+    """With nothing to record the branch writes into the frozen output in place: the same numbers."""
+    torch.manual_seed(9)
+    d = 8
+    base = {"linear": lambda: nn.Linear(d, 3 * d), "fused": lambda: Conv1D(3 * d, d),
+            "bf16": lambda: Conv1D(3 * d, d).to(torch.bfloat16)}[kind]()
+    lora = LoRA(base, r=2, alpha=2.0, **({"slices": (0, 2), "n_parts": 3} if kind != "linear" else {}))
+    randomize(lora)
+    x = torch.randn(3, 5, d, dtype=base.weight.dtype)
+    trained = lora(x)
+    assert trained.grad_fn is not None
+    with mode():
+        evaluated = lora(x)
+    torch.testing.assert_close(evaluated, trained.detach(), rtol=0, atol=0)

@@ -17,6 +17,7 @@ from torch import nn
 from .. import targets as tg
 from .. import zero
 from ..errors import BigadaptError
+from . import lora_branch
 
 
 def _shape(base: nn.Module) -> tuple[int, int, bool]:
@@ -51,19 +52,8 @@ class LoRA(nn.Module):
         if self.merged:
             return y
         h = F.dropout(x, self.dropout, self.training) if self.dropout and self.training else x
-        h = F.linear(h.to(self.lora_A.dtype), self.lora_A) * self.scaling
-        if len(self.spans) == 1 and self.spans[0] == (0, self.out_features):
-            return y + F.linear(h, self.lora_B).to(y.dtype)
-        return self._add_fused(y, h)
-
-    def _add_fused(self, y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        # in place on the frozen op's output: its backward needs only its inputs, and no [.., out] zeros
-        row = 0
-        for i, (a, b) in enumerate(self.spans):
-            delta = F.linear(h[..., i * self.r:(i + 1) * self.r], self.lora_B[row:row + b - a])
-            y[..., a:b] += delta.to(y.dtype)
-            row += b - a
-        return y
+        return lora_branch.add(y, h.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scaling,
+                               tuple(self.spans), self.r)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A laid out like the base weight ([out, in], or [in, out] for Conv1D), in fp32."""

@@ -51,12 +51,7 @@ MERGE_REFUSED = ("qlora: cannot merge into a quantized base (adding B A to packe
 
 
 class QLoRA(lora.LoRA):
-    """LoRA over a bitsandbytes layer: identical math and parameters, two differences."""
-
-    def _add_fused(self, y, h):
-        # bitsandbytes' matmul is a custom autograd Function whose output autograd forbids writing in place
-        # (LoRA's fused-slice add does); one copy of the frozen output instead
-        return super()._add_fused(y.clone(), h)
+    """LoRA over a bitsandbytes layer: identical math and parameters; it never merges."""
 
     def merge(self, sign: float = 1.0) -> None:
         raise BigadaptError(MERGE_REFUSED)
