@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -104,6 +106,35 @@ def parse_cells(spec: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in c.split("x")) for c in spec.split(",")]
 
 
+def grid_of(cells: list[tuple[int, int]]) -> tuple[list[int], list[int]] | None:
+    """(batches, seqs) when the cells are every batch x seq pair of both lists, as Fig. 5's are; else None."""
+    batches, seqs = sorted({b for b, _ in cells}), sorted({s for _, s in cells})
+    return (batches, seqs) if len(set(cells)) == len(batches) * len(seqs) == len(cells) else None
+
+
+def write_heat_maps(prefix: str, result: dict, top: float) -> list[str]:
+    """Fig. 5: one PNG per variant, rows = batch (smallest on top), columns = seq; 0% dark .. top% yellow."""
+    from ..analysis.heatmap import write_png
+    batches, seqs = grid_of([(c["batch"], c["seq"]) for c in result["cells"]])
+    over = {(c["batch"], c["seq"]): c["overhead_pct"] for c in result["cells"]}
+    paths = []
+    for k in VARIANTS[1:]:
+        g = torch.tensor([[max(0.0, over[b, s][k]) / top for s in seqs] for b in batches])
+        write_png(f"{prefix}-{k}.png", [g], cell=32, gap=0)
+        paths.append(f"{prefix}-{k}.png")
+    return paths
+
+
+def print_grids(result: dict) -> None:
+    batches, seqs = grid_of([(c["batch"], c["seq"]) for c in result["cells"]])
+    over = {(c["batch"], c["seq"]): c["overhead_pct"] for c in result["cells"]}
+    for k in VARIANTS[1:]:
+        print(f"\n{k}: % overhead, batch (rows) x seq (columns)")
+        print(f"{'':>6s}" + "".join(f"{s:>8d}" for s in seqs))
+        for b in batches:
+            print(f"{b:>6d}" + "".join(f"{over[b, s][k]:+7.1f}%" for s in seqs))
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="bigadapt bench latency", description=__doc__.splitlines()[0])
     gpu = torch.cuda.is_available()
@@ -117,12 +148,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lora-r", type=int, default=4)
     p.add_argument("--adapter-r", type=int, default=None, help="bottleneck; default d_model/16 (64 at d=1024)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16" if gpu else "fp32")
+    p.add_argument("--png", metavar="PREFIX", help="with a full batch x seq grid (e.g. --cells fig5): write "
+                   "<PREFIX>-<variant>.png heat maps of the overhead, as the paper's Fig. 5")
+    p.add_argument("--png-top", type=float, default=40.0, help="the overhead %% drawn yellow (default 40)")
+    p.add_argument("--from-json", metavar="PATH", help="time nothing: print and draw a run saved with --json")
     # one thread on CPU: on a shared host, OpenMP threads spinning against other jobs make timings 5-10x noisier
     p.add_argument("--threads", type=int, default=None if gpu else 1, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.from_json:
+        return redraw(p, args)
     cells = parse_cells(args.cells)
+    if args.png and not grid_of(cells):
+        p.error(f"--png: the cells {args.cells} are not a full batch x seq grid; pass --cells fig5 or one, "
+                "e.g. 1x128,1x256,4x128,4x256")
     a = arch(args.layers, args.scale, max(s for _, s in cells))
     adapter_r = args.adapter_r or max(1, a["n_embd"] // 16)
     device = torch.device("cuda" if gpu else "cpu")
@@ -143,6 +183,30 @@ def main(argv: list[str] | None = None) -> dict:
               + " ".join(f"{m:+6.1f}% ({lo:+.1f}..{hi:+.1f})".rjust(21) for m, lo, hi in paired.values()))
         result["cells"].append({"batch": batch, "seq": seq, "median_s": med, "overhead_pct": over,
                                 "overhead_ci95_pct": ci})
+    show_grid(result, args.png, args.png_top)
+    return result
+
+
+def show_grid(result: dict, png: str | None, top: float) -> None:
+    cells = [(c["batch"], c["seq"]) for c in result["cells"]]
+    if grid_of(cells) and len(cells) > 1:
+        print_grids(result)
+    if png:
+        paths = write_heat_maps(png, result, top)
+        batches, seqs = grid_of(cells)
+        print(f"\nheat maps: {', '.join(paths)} (rows batch {batches[0]}..{batches[-1]} top to bottom, columns "
+              f"seq {seqs[0]}..{seqs[-1]}; 0% or less dark purple, +{top:g}% or more yellow)")
+
+
+def redraw(p: argparse.ArgumentParser, args) -> dict:
+    try:
+        result = json.loads(Path(args.from_json).read_text())
+        cells = [(c["batch"], c["seq"]) for c in result["cells"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        p.error(f"--from-json {args.from_json}: not a saved `bench latency --json` run ({e})")
+    if args.png and not grid_of(cells):
+        p.error("--png: the saved cells are not a full batch x seq grid; run with --cells fig5")
+    show_grid(result, args.png, args.png_top)
     return result
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 import torch
@@ -58,3 +59,29 @@ def test_throughput_smoke_times_every_phase_of_both_sides(tmp_path):
         m = result["median_s"][side]
         assert set(m) == {"forward", "backward", "optimizer", "step"} and min(m.values()) > 0
         assert max(m["forward"], m["backward"], m["optimizer"]) <= m["step"]  # each phase is part of its step
+
+
+def test_latency_heat_maps_of_a_grid(tmp_path, capsys):
+    result = latency.main(["--layers", "1", "--scale", "0.0625", "--cells", "1x8,1x16,2x8,2x16", "--trials", "2",
+                           "--warmup", "0", "--adapter-r", "4", "--png", str(tmp_path / "fig5")])
+    out = capsys.readouterr().out
+    assert "adapter_h: % overhead, batch (rows) x seq (columns)" in out
+    for k in ("lora_merged", "lora", "adapter_l", "adapter_h"):
+        png = (tmp_path / f"fig5-{k}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        assert struct.unpack(">II", png[16:24]) == (2 * 32, 2 * 32)  # 2 seqs wide, 2 batches high, 32 px cells
+    # a saved run is drawn again on another colour scale without timing anything
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps(result))
+    assert latency.main(["--from-json", str(saved), "--png", str(tmp_path / "again"), "--png-top", "5"]) == result
+    assert (tmp_path / "again-adapter_h.png").exists()
+
+
+def test_latency_heat_maps_need_a_grid(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        latency.main(["--cells", "1x8,2x16", "--png", "x"])
+    assert e.value.code == 2
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        latency.main(["--from-json", str(tmp_path / "bad.json")])
+    assert e.value.code == 2
