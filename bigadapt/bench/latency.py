@@ -112,11 +112,16 @@ def grid_of(cells: list[tuple[int, int]]) -> tuple[list[int], list[int]] | None:
     return (batches, seqs) if len(set(cells)) == len(batches) * len(seqs) == len(cells) else None
 
 
+def overhead_grid(result: dict) -> tuple[list[int], list[int], dict]:
+    """(batches, seqs, {(batch, seq): {variant: % overhead}}) of a run whose cells form a grid."""
+    batches, seqs = grid_of([(c["batch"], c["seq"]) for c in result["cells"]])
+    return batches, seqs, {(c["batch"], c["seq"]): c["overhead_pct"] for c in result["cells"]}
+
+
 def write_heat_maps(prefix: str, result: dict, top: float) -> list[str]:
     """Fig. 5: one PNG per variant, rows = batch (smallest on top), columns = seq; 0% dark .. top% yellow."""
     from ..analysis.heatmap import write_png
-    batches, seqs = grid_of([(c["batch"], c["seq"]) for c in result["cells"]])
-    over = {(c["batch"], c["seq"]): c["overhead_pct"] for c in result["cells"]}
+    batches, seqs, over = overhead_grid(result)
     paths = []
     for k in VARIANTS[1:]:
         g = torch.tensor([[max(0.0, over[b, s][k]) / top for s in seqs] for b in batches])
@@ -126,8 +131,7 @@ def write_heat_maps(prefix: str, result: dict, top: float) -> list[str]:
 
 
 def print_grids(result: dict) -> None:
-    batches, seqs = grid_of([(c["batch"], c["seq"]) for c in result["cells"]])
-    over = {(c["batch"], c["seq"]): c["overhead_pct"] for c in result["cells"]}
+    batches, seqs, over = overhead_grid(result)
     for k in VARIANTS[1:]:
         print(f"\n{k}: % overhead, batch (rows) x seq (columns)")
         print(f"{'':>6s}" + "".join(f"{s:>8d}" for s in seqs))

@@ -38,11 +38,13 @@ class SliceBias(nn.Module):
         y = self.base_layer(x)
         if self.merged:
             return y
-        row = 0
-        for a, b in self.spans:  # in place on the frozen op's output: its backward needs only its inputs
-            y[..., a:b] += self.bitfit_bias[row:row + b - a].to(y.dtype)
+        # a full-width bias added out of place: an in-place add into slices of the frozen output (a view under
+        # Conv1D) makes autograd copy the whole output in backward (methods/lora_branch.py)
+        full, row = y.new_zeros(y.shape[-1]), 0
+        for a, b in self.spans:
+            full[a:b] = self.bitfit_bias[row:row + b - a].to(y.dtype)
             row += b - a
-        return y
+        return y + full
 
     def merge(self, sign: float) -> None:
         bias = self.base_layer.bias

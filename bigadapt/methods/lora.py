@@ -38,7 +38,7 @@ class LoRA(nn.Module):
         self.in_features, self.out_features, self.fan_in_fan_out = _shape(base)
         part = self.out_features // n_parts
         # [(start, stop)] of the base output that each (A_i, B_i) writes to
-        self.spans = [(i * part, (i + 1) * part) for i in slices] if slices else [(0, self.out_features)]
+        self.spans = tuple((i * part, (i + 1) * part) for i in slices) if slices else ((0, self.out_features),)
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
         self.lora_A = nn.Parameter(torch.empty(len(self.spans) * r, self.in_features))
@@ -53,7 +53,7 @@ class LoRA(nn.Module):
             return y
         h = F.dropout(x, self.dropout, self.training) if self.dropout and self.training else x
         return lora_branch.add(y, h.to(self.lora_A.dtype), self.lora_A, self.lora_B, self.scaling,
-                               tuple(self.spans), self.r)
+                               self.spans, self.r)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A laid out like the base weight ([out, in], or [in, out] for Conv1D), in fp32."""

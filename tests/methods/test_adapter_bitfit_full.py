@@ -254,3 +254,12 @@ def test_bitfit_on_llama_through_the_cli_is_one_line_and_exit_2(tmp_path):
     lines = [x for x in proc.stderr.splitlines() if x.startswith("bigadapt: error:")]
     assert lines == ["bigadapt: error: method.name=bitfit: llama has no bias terms; choose lora or adapter_h"]
     assert not (tmp_path / "run").exists()  # refused before any file or process group
+
+
+def test_slice_bias_gradient_is_the_output_gradient_summed_over_tokens():
+    from transformers.pytorch_utils import Conv1D
+    d = 4
+    m = bitfit.SliceBias(Conv1D(3 * d, d).requires_grad_(False), slices=(0, 2), n_parts=3)  # q and v
+    g = torch.randn(2, 5, 3 * d)
+    (m(torch.randn(2, 5, d)) * g).sum().backward()
+    torch.testing.assert_close(m.bitfit_bias.grad, torch.cat([g[..., :d], g[..., 2 * d:]], -1).sum((0, 1)))
