@@ -103,7 +103,8 @@ def max_rel_diff(a: list[list[float]], b: list[list[float]]) -> float:
 
 
 def report(s: dict) -> None:
-    peer = {"same": "bigadapt's config on every side", "hf": "peft under transformers' documented ZeRO-3 config"}
+    peer = {"same": "bigadapt's config on every side", "hf": "peft under transformers' documented ZeRO-3 config",
+            "hf-all": "transformers' documented ZeRO-3 config on every side"}
     t = Table(title=f"LoRA step, {s['args']['arch']} with {s['args'].get('layers') or 6} blocks, "
                     f"ZeRO stage {s['args']['stage']}, "
                     f"{s['args']['micro_batch']}x{s['args']['seq_len']} tokens per rank; "

@@ -51,6 +51,15 @@ def hf_zero3(conf: dict, hidden: int) -> dict:
     return dict(conf, zero_optimization=z)
 
 
+def side_config(conf: dict, impl: str, peer_config: str, hidden: int) -> dict:
+    """bigadapt's config on every side ("same"); peft as its users configure DeepSpeed ("hf"); or that config
+    on every side ("hf-all": every side then holds the same base gathered, so step times compare at equal
+    memory)."""
+    if peer_config == "hf-all" or (impl == "peft" and peer_config == "hf"):
+        return hf_zero3(conf, hidden)
+    return conf
+
+
 def arch(args) -> dict:
     a = dict(ARCHS[args.arch])
     if args.layers:
@@ -73,8 +82,7 @@ def build(args):
     # by default every side runs under the same config, sized from bigadapt's view of the (same) base
     shape = accounting.shapes(cfg)[0]  # before register_for_loading: a meta build under it would be partitioned
     conf = engine.ds_config(cfg, world, 1, shape)
-    if impl == "peft" and args.peer_config == "hf":  # or peft as its users configure DeepSpeed
-        conf = hf_zero3(conf, a.get("n_embd") or a["hidden_size"])
+    conf = side_config(conf, impl, args.peer_config, a.get("n_embd") or a["hidden_size"])
     zero.register_for_loading(conf)
     model = base_model.build_base(cfg.model, 0)
     if impl == "bigadapt":
@@ -215,9 +223,10 @@ def main() -> None:
     p.add_argument("--layers", type=int, help="blocks (default: the arch's 6)")
     p.add_argument("--windows", choices=["sized", "deepspeed"], default="sized",
                    help="ZeRO-3 gather windows: sized from the model (bigadapt's default) or DeepSpeed's own")
-    p.add_argument("--peer-config", choices=["same", "hf"], default="same",
-                   help="peft's DeepSpeed config: bigadapt's (the same windows and thresholds on every side) or "
-                        "the one transformers' DeepSpeed guide gives its users")
+    p.add_argument("--peer-config", choices=["same", "hf", "hf-all"], default="same",
+                   help="peft's DeepSpeed config: bigadapt's (the same windows and thresholds on every side), "
+                        "the one transformers' DeepSpeed guide gives its users (hf), or that one on every side "
+                        "(hf-all)")
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int)
     args = p.parse_args()

@@ -85,3 +85,18 @@ def test_latency_heat_maps_need_a_grid(tmp_path):
     with pytest.raises(SystemExit) as e:
         latency.main(["--from-json", str(tmp_path / "bad.json")])
     assert e.value.code == 2
+
+
+def test_peer_configs_put_transformers_zero3_on_the_right_sides():
+    from bigadapt.bench.peft_step import side_config
+    ours = {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 5, "stage3_param_persistence_threshold": 7}}
+    for impl in ("bigadapt", "peft", "floor"):
+        assert side_config(ours, impl, "same", 384) is ours
+    assert side_config(ours, "bigadapt", "hf", 384) is ours and side_config(ours, "floor", "hf", 384) is ours
+    for impl, peer in (("peft", "hf"), ("peft", "hf-all"), ("bigadapt", "hf-all"), ("floor", "hf-all")):
+        z = side_config(ours, impl, peer, 384)["zero_optimization"]
+        # transformers' guide: "auto" filled from the hidden size, the windows wide open
+        assert z["stage"] == 3 and z["stage3_param_persistence_threshold"] == 3840
+        assert z["stage3_max_live_parameters"] == z["stage3_max_reuse_distance"] == 10**9
+        assert z["reduce_bucket_size"] == 384 * 384 and z["stage3_prefetch_bucket_size"] == int(0.9 * 384 * 384)
+    assert ours["zero_optimization"]["stage3_max_live_parameters"] == 5  # the caller's config is not touched
