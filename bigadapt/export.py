@@ -7,6 +7,7 @@ with the scaling they were trained with.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -39,12 +40,27 @@ def load_trained(path: str | Path, untrained: bool = False):
     ckpt = resolve_checkpoint(path)
     manifest = checkpoint.verify(ckpt)
     cfg = config_from_dict(manifest["config"])
-    model = base_model.build_base(cfg.model, cfg.train.seed)
+    with _quiet_transformers():  # its "head MISSING" report: the adapter file holds the trained head
+        model = base_model.build_base(cfg.model, cfg.train.seed)
     base_fp = checkpoint.fingerprint(model, exclude=targets.head_prefixes(model))
     methods.apply_seeded(model, cfg)
     if not untrained:
         checkpoint.load_adapter(ckpt, model, base_fp)
     return model.eval(), manifest, cfg
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def to_peft(path: str | Path, out: str | Path) -> int:

@@ -60,3 +60,22 @@ def test_bitfit_merges_and_adapters_refuse_in_one_line(tmp_path):
                                            atol=1e-5)
         else:
             assert proc.returncode == 2 and "cannot be merged" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_loading_a_run_keeps_transformers_quiet_and_restores_its_settings():
+    """load_trained restores the head from the adapter file, so transformers' 'head MISSING' load report
+    (a warning per load: 8 per `bench section7 report`) is silenced there, and only there."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from bigadapt.export import _quiet_transformers
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_warning()
+    try:
+        with _quiet_transformers():
+            assert not logger.isEnabledFor(logging.WARNING) and not hf_logging.is_progress_bar_enabled()
+        assert logger.isEnabledFor(logging.WARNING) and hf_logging.is_progress_bar_enabled() == bars
+    finally:
+        hf_logging.set_verbosity(level)
