@@ -40,11 +40,15 @@ def load_trained(path: str | Path, untrained: bool = False):
     ckpt = resolve_checkpoint(path)
     manifest = checkpoint.verify(ckpt)
     cfg = config_from_dict(manifest["config"])
-    with _quiet_transformers():  # its "head MISSING" report: the adapter file holds the trained head
+    # transformers reports a seq_cls head "MISSING" from a headless base: the adapter file holds the trained
+    # head, and a changed base fails the fingerprint check below, so the report would only mislead
+    with _quiet_transformers():
         model = base_model.build_base(cfg.model, cfg.train.seed)
     base_fp = checkpoint.fingerprint(model, exclude=targets.head_prefixes(model))
     methods.apply_seeded(model, cfg)
-    if not untrained:
+    if untrained:  # the control too must come from the base the run trained on
+        checkpoint.check_fingerprint(manifest["base"], base_fp, ckpt)
+    else:
         checkpoint.load_adapter(ckpt, model, base_fp)
     return model.eval(), manifest, cfg
 

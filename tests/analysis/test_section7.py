@@ -32,6 +32,24 @@ def test_untrained_factors_are_the_runs_init(tmp_path, trained_run):
     assert all((moved[k].A - start[k].A).abs().max() > 1e-4 for k in moved)
 
 
+def test_the_control_refuses_a_run_from_another_base(tmp_path, trained_run):
+    """The untrained control rebuilds the base as the trained adapter does, and checks it the same way: a
+    checkpoint whose manifest names other base weights is refused either way, in one line."""
+    import json
+    import shutil
+
+    from bigadapt import checkpoint
+    from bigadapt.errors import CheckpointError
+    ckpt = tmp_path / "step"
+    shutil.copytree(checkpoint.complete(trained_run / "checkpoints")[-1], ckpt)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["base"]["weights_sha256"] = "0" * 64
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    for untrained in (False, True):
+        with pytest.raises(CheckpointError, match="another base \\(base weights differ"):
+            sub.load_factors(str(ckpt), untrained=untrained)
+
+
 @pytest.fixture(scope="module")
 def section7_out(tmp_path_factory):
     """The four runs the report needs, tiny, all with seed 0: "r64-seed1" is then the same run as "r64"."""
