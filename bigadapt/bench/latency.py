@@ -192,12 +192,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def show_grid(result: dict, png: str | None, top: float) -> None:
-    cells = [(c["batch"], c["seq"]) for c in result["cells"]]
-    if grid_of(cells) and len(cells) > 1:
+    grid = grid_of([(c["batch"], c["seq"]) for c in result["cells"]])
+    if grid and len(result["cells"]) > 1:
         print_grids(result)
     if png:
         paths = write_heat_maps(png, result, top)
-        batches, seqs = grid_of(cells)
+        batches, seqs = grid
         print(f"\nheat maps: {', '.join(paths)} (rows batch {batches[0]}..{batches[-1]} top to bottom, columns "
               f"seq {seqs[0]}..{seqs[-1]}; 0% or less dark purple, +{top:g}% or more yellow)")
 

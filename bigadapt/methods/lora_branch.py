@@ -32,8 +32,10 @@ def add(y: torch.Tensor, x: torch.Tensor, A, B, scaling: float, spans: tuple, r:
 def _sum(y2, x2, A, B, scaling: float, spans: tuple, r: int, inplace: bool):
     """(y2 + the branch, the [N, spans * r] hidden s x A^T) on 2-d views."""
     h = torch.mm(x2, A.t()).mul_(scaling)  # scaled here: r columns, not out
-    if not inplace and len(spans) == 1 and spans[0] == (0, y2.shape[1]) and y2.dtype == B.dtype:
-        return torch.addmm(y2, h, B.t()), h  # the sum in the product's own pass over the output
+    if not inplace and len(spans) == 1 and spans[0] == (0, y2.shape[1]):  # one pass over the output, no clone
+        if y2.dtype == B.dtype:
+            return torch.addmm(y2, h, B.t()), h  # the sum in the product's own pass
+        return y2 + torch.mm(h, B.t()).to(y2.dtype), h  # a bf16 base under an fp32 adapter
     out = y2 if inplace else y2.clone()
     for i, a, b, row in _parts(spans):
         hi, Bi = h[:, i * r:(i + 1) * r], B[row:row + b - a]
