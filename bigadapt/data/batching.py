@@ -37,18 +37,32 @@ def count_targets(examples: list[dict], objective: str) -> int:
     """Loss terms in these examples: one per example (seq_cls), one per predicted token (causal_lm)."""
     if objective == "seq_cls":
         return len(examples)
-    return sum(len(e["input_ids"]) - max(1, e.get("loss_from", 1)) for e in examples)
+    return sum(_targets(e) for e in examples)
+
+
+def _targets(e: dict) -> int:
+    if e.get("loss_mask") is not None:  # token 0 of a row is never predicted
+        return sum(e["loss_mask"][1:])
+    return len(e["input_ids"]) - max(1, e.get("loss_from", 1))
 
 
 def collate(examples: list[dict], objective: str, pad_id: int) -> dict:
-    """Right-padded tensors; causal_lm labels mask the prompt and the padding."""
+    """Right-padded tensors; causal_lm labels mask the prompt (loss_from or loss_mask) and the padding."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
         mask[i, :len(e["input_ids"])] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
+    if examples[0].get("position_ids") is not None:
+        # packed rows: no attention mask, so transformers finds each example's span from positions that restart
+        # at 0; the padding tail restarts too and forms a span of its own, which no label reads
+        pos = torch.arange(width).repeat(len(examples), 1)
+        for i, e in enumerate(examples):
+            pos[i, :len(e["position_ids"])] = torch.tensor(e["position_ids"])
+        batch = {"input_ids": ids, "position_ids": pos}
+    else:
+        batch = {"input_ids": ids, "attention_mask": mask}
     if "token_type_ids" in examples[0]:
         types = torch.zeros_like(ids)
         for i, e in enumerate(examples):
@@ -59,6 +73,10 @@ def collate(examples: list[dict], objective: str, pad_id: int) -> dict:
     else:
         labels = ids.masked_fill(mask == 0, IGNORE)
         for i, e in enumerate(examples):
-            labels[i, :e.get("loss_from", 0)] = IGNORE
+            if e.get("loss_mask") is not None:
+                keep = torch.tensor(e["loss_mask"], dtype=torch.bool)
+                labels[i, :len(keep)] = labels[i, :len(keep)].masked_fill(~keep, IGNORE)
+            else:
+                labels[i, :e.get("loss_from", 0)] = IGNORE
         batch["labels"] = labels
     return batch

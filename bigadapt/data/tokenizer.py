@@ -75,13 +75,15 @@ def _longest_first(a: list[int], b: list[int] | None, budget: int) -> tuple[list
 
 
 def load_tokenizer(mcfg, vocab_size: int, eos_token_id: int | None = None):
-    """The model's tokenizer when it has one (hub id or local directory), else the byte fallback."""
-    if not mcfg.name_or_path:
+    """`model.tokenizer` when set, else the model's own (hub id or local directory), else the byte fallback."""
+    source = getattr(mcfg, "tokenizer", None) or mcfg.name_or_path
+    key = "model.tokenizer" if getattr(mcfg, "tokenizer", None) else "model.name_or_path"
+    if not source:
         return ByteTokenizer(vocab_size, 0 if eos_token_id is None else eos_token_id)
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(mcfg.name_or_path, trust_remote_code=mcfg.trust_remote_code)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=mcfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"model.name_or_path={mcfg.name_or_path!r}: no tokenizer could be loaded "
+        raise ConfigError(f"{key}={source!r}: no tokenizer could be loaded "
                           f"({str(e).splitlines()[0][:120]}); offline, pass a local directory with the "
                           f"tokenizer files") from None
