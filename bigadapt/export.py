@@ -8,7 +8,9 @@ with the scaling they were trained with.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -34,12 +36,58 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
+def read_run(path: str | Path) -> tuple[Path, dict, object]:
+    """(checkpoint directory, its verified manifest, the run config) without building anything."""
+    ckpt = resolve_checkpoint(path)
+    manifest = checkpoint.verify(ckpt)
+    return ckpt, manifest, config_from_dict(manifest["config"])
+
+
+def load_model(path: str | Path):
+    """*Collective under a launcher.* What `generate` and `eval` run on: the trained model in this one process
+    (`load_trained`), or, with WORLD_SIZE > 1, sharded over the ranks with ZeRO-3 (`load_trained_sharded`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return load_trained_sharded(path)
+    return load_trained(path)
+
+
+def load_trained_sharded(path: str | Path):
+    """*Collective.* (model, manifest, run config) like `load_trained`, but built as training builds it: the base
+    partitioned while it is built or read (no rank ever holds it whole), the adapter loaded into the partitioned
+    parameters, DeepSpeed's ZeRO-3 hooks installed for inference (no optimizer, no fp32 masters)."""
+    import deepspeed
+
+    from . import accounting, engine, zero
+    ckpt, manifest, cfg = read_run(path)
+    cfg = dataclasses.replace(cfg, zero=dataclasses.replace(cfg.zero, stage=3))  # sharded whatever it trained on
+    engine.init_distributed()
+    world = zero.world_size()
+    conf = engine.ds_config(cfg, world, 1, accounting.shapes(cfg)[0])
+    conf["train_batch_size"] = cfg.train.micro_batch * world
+    zero.register_for_loading(conf)
+    try:
+        with _quiet_transformers():
+            model = base_model.build_base(cfg.model, cfg.train.seed)
+        base_fp = checkpoint.fingerprint(model, exclude=targets.head_prefixes(model))
+        methods.apply_seeded(model, cfg)
+        engine.uniform_working_dtype(model, cfg)
+        checkpoint.check_fingerprint(manifest["base"], base_fp, ckpt)
+        checkpoint.check_names(manifest, model, ckpt)
+        tensors = checkpoint.read_tensors(ckpt, "adapter.safetensors")
+        for name, p in model.named_parameters():  # model order: the same collectives on every rank
+            if name in tensors:
+                zero.set_param(p, tensors[name])
+        model.requires_grad_(False)
+        eng = deepspeed.initialize(model=model, config=conf)[0]
+    finally:
+        zero.unregister()
+    return eng.module.eval(), manifest, cfg
+
+
 def load_trained(path: str | Path, untrained: bool = False):
     """(model with the adapter loaded, manifest, run config), rebuilt on the CPU from the manifest.
     untrained=True: the adapter as the run initialised it instead (drawn again from its seed)."""
-    ckpt = resolve_checkpoint(path)
-    manifest = checkpoint.verify(ckpt)
-    cfg = config_from_dict(manifest["config"])
+    ckpt, manifest, cfg = read_run(path)
     # transformers reports a seq_cls head "MISSING" from a headless base: the adapter file holds the trained
     # head, and a changed base fails the fingerprint check below, so the report would only mislead
     with _quiet_transformers():
@@ -67,7 +115,8 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def to_peft(path: str | Path, out: str | Path) -> int:
+def to_peft(path: str | Path, out: str | Path, overwrite: bool = False) -> int:
+    out = _output_dir(out, overwrite)
     model, manifest, cfg = load_trained(path)
     if cfg.method.name not in ("lora", "qlora"):
         raise CheckpointError(f"{path}: PEFT export covers LoRA and QLoRA; this run used {cfg.method.name!r}")
@@ -91,10 +140,9 @@ def to_peft(path: str | Path, out: str | Path) -> int:
         "fan_in_fan_out": fan_in_fan_out, "modules_to_save": heads or None, "use_rslora": False,
         "init_lora_weights": True, "inference_mode": True,
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    normal_permissions(out)
     print(f"wrote PEFT adapter {out} ({len(rank_pattern)} LoRA modules, step {manifest['step']})")
     return 0
 
@@ -117,11 +165,51 @@ def fold(model, cfg) -> None:
         method.unwrap(model)
 
 
-def merged(path: str | Path, out: str | Path) -> int:
-    """The trained model as a plain Hugging Face directory; methods that cannot merge say why (one line)."""
+def merged(path: str | Path, out: str | Path, overwrite: bool = False) -> int:
+    """The trained model as a Hugging Face directory that serves as is: weights, config, tokenizer files (when the
+    run has a real tokenizer), generation_config.json (causal LMs). Methods that cannot merge say why (one line)."""
+    from .data.chat import stop_ids
+    from .data.tasks import task_tokenizer
+    out = _output_dir(out, overwrite)
     model, manifest, cfg = load_trained(path)
     fold(model, cfg)
     model.requires_grad_(False)
+    tok = task_tokenizer(cfg, model.config.vocab_size)
+    eos = stop_ids(tok, cfg.data, model.config.eos_token_id)  # a chat model's server stops at end of turn too
+    if cfg.model.objective == "causal_lm" and model.generation_config is not None:
+        model.generation_config.eos_token_id = eos
+        model.generation_config.pad_token_id = base_model.pad_id(model)
     model.save_pretrained(out)
+    if getattr(tok, "is_fallback", False):
+        print(f"no tokenizer files in {out}: the base was built from model.arch and its run used bigadapt's "
+              f"byte-level fallback tokenizer (bigadapt.data.tokenizer.ByteTokenizer)")
+    else:
+        if cfg.data.task == "sft":  # the template the run trained with, so a server renders chats the same way
+            from .data.chat import chat_template
+            tok.chat_template = chat_template(tok, cfg.data)
+        tok.save_pretrained(out)
+    normal_permissions(out)
     print(f"wrote merged model {out} (step {manifest['step']}, base {manifest['base']['model_type']})")
     return 0
+
+
+def _output_dir(out: str | Path, overwrite: bool) -> Path:
+    """The output directory, created; one that exists with files in it is refused unless `overwrite` (then files
+    of the same names are replaced, others left as they are)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory; choose another output path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out}: is not empty; choose a new directory or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def normal_permissions(out: Path) -> None:
+    """safetensors writes its files mode 0600 (they are created through a private temporary file); give every file
+    written here the mode the user's umask gives new files (0644 under the usual 022), as `cp` would."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in out.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~mask)

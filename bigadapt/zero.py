@@ -117,7 +117,13 @@ def set_master(p: torch.Tensor, value: torch.Tensor) -> None:
     from deepspeed.utils import safe_set_full_fp32_param
     if _hp_managed(p):
         safe_set_full_fp32_param(p, value.float().to(_device(p)).reshape(-1))
-    with gathered([p], modify=True) as writer:
+    set_param(p, value)
+
+
+def set_param(p: torch.Tensor, value: torch.Tensor) -> None:
+    """*Collective.* Write the whole value of a parameter, partitioned or not, without touching any optimizer
+    state (inference: a trained adapter loaded into a sharded model that has no optimizer)."""
+    with torch.no_grad(), gathered([p], modify=True) as writer:
         if writer:
             p.data.copy_(value.to(p.dtype).reshape(p.data.shape))
 
