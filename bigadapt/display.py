@@ -1,9 +1,12 @@
 """What rank 0 shows: the start table, a live progress line, the end summary. Other ranks stay quiet."""
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 from rich.console import Console
@@ -60,14 +63,78 @@ def start_table(holdings: dict, trainable: list[tuple[str, str, int]], stage: in
     console.print(r)
 
 
+EVAL_BAR_MIN_BATCHES = 20  # shorter evals finish before a bar would tell anything
+
+
+class Eta:
+    """Time left at the pace of the steps run *in this process*: a resumed run's earlier steps took no time
+    here, so counting them would make the rate look too fast. The pace is wall-clock, evals and saves
+    included, since they recur in the steps left too."""
+
+    def __init__(self, start: int, total: int, clock: Callable[[], float] = time.monotonic):
+        self.start, self.total, self.clock, self.t0 = start, total, clock, clock()
+
+    def seconds(self, done: int) -> float | None:
+        ran = done - self.start
+        return (self.clock() - self.t0) / ran * (self.total - done) if ran > 0 else None
+
+    def text(self, done: int) -> str:
+        s = self.seconds(done)
+        return "-:--:--" if s is None else duration(s)
+
+
+def duration(seconds: float) -> str:
+    """H:MM:SS (days spill into the hours), as rich's time columns write it."""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def _progress_bar(transient: bool = False) -> Progress:
+    return Progress(TextColumn("{task.description} {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
+                    TextColumn("eta {task.fields[eta]}"), TextColumn("{task.fields[info]}"), console=console,
+                    transient=transient,
+                    disable=not console.is_terminal and not os.environ.get("BIGADAPT_FORCE_PROGRESS"))
+
+
+_train_bar: Progress | None = None  # the live training bar, which an eval bar joins (rich allows one live display)
+
+
 def progress(total_steps: int, start: int) -> Progress | None:
+    """The training bar (task 0): update it with completed=, info= and eta= (`Eta.text`)."""
+    global _train_bar
     if zero.rank() != 0:
         return None
-    p = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TimeElapsedColumn(),
-                 TextColumn("{task.fields[info]}"), console=console,
-                 disable=not console.is_terminal and not os.environ.get("BIGADAPT_FORCE_PROGRESS"))
-    p.add_task("train", total=total_steps, completed=start, info="")
-    return p
+    _train_bar = _progress_bar()
+    _train_bar.add_task("step", total=total_steps, completed=start, info="", eta="-:--:--")
+    return _train_bar
+
+
+@contextlib.contextmanager
+def eval_progress(batches: int) -> Iterator[Callable[[], None]]:
+    """A transient bar over a long eval's batches on rank 0, joining the training bar when it is live;
+    yields advance(). Short evals and other ranks get a no-op."""
+    if zero.rank() != 0 or batches < EVAL_BAR_MIN_BATCHES:
+        yield lambda: None
+        return
+    live = _train_bar is not None and _train_bar.live.is_started
+    bar = _train_bar if live else _progress_bar(transient=True)
+    eta = Eta(0, batches)
+    task = bar.add_task("eval batch", total=batches, info="", eta=eta.text(0))
+    done = 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        bar.update(task, completed=done, eta=eta.text(done))
+
+    if not live:
+        bar.start()
+    try:
+        yield advance
+    finally:
+        bar.remove_task(task)
+        if not live:
+            bar.stop()
 
 
 def accounting_table(rows: list[tuple[str, int, int, float]], predicted_total: int, peak: int) -> None:

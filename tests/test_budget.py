@@ -3,7 +3,10 @@
 No wall-clock value is asserted: only how the training clock orders steps, evals and the stop."""
 from __future__ import annotations
 
+import itertools
 import json
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -15,7 +18,7 @@ from bigadapt.config import config_from_dict, load_config
 from bigadapt.errors import ConfigError
 from bigadapt.train import lr_at
 
-from .conftest import check, metrics, run_cli, tiny_config, write_config
+from .conftest import REPO, check, env, metrics, run_cli, tiny_config, write_config
 
 
 def test_constant_schedule_holds_after_warmup():
@@ -26,7 +29,7 @@ def test_constant_schedule_holds_after_warmup():
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("train.schedule=cosine", "train.schedule='cosine'"), ("train.eval_at_s=[60, 30]", "train.eval_at_s"),
+    ("train.schedule=step", "train.schedule='step'"), ("train.eval_at_s=[60, 30]", "train.eval_at_s"),
     ("train.eval_at_s=[0]", "increasing training-clock seconds"),
 ])
 def test_bad_budget_settings_are_one_line(override, needle):
@@ -57,11 +60,30 @@ def _first_past(clock: dict[int, float], t: float) -> int:
     return min(s for s, c in clock.items() if c >= t)
 
 
+# `bigadapt train` whose training clock advances exactly 0.75 s per step (0.75 is exact in binary, so the clock
+# reads 0.75, 1.5, 2.25, 3.0, ...): where the budget and the marks fall depends on no machine's speed or load
+FAKE_CLOCK_TRAIN = """
+import itertools, sys
+from bigadapt import train
+ticks = itertools.count()
+train.Loop.clock = staticmethod(lambda: next(ticks) * 0.75)  # Loop.step reads it twice per step
+from bigadapt.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _train_on_fake_clock(config, *args: str) -> subprocess.CompletedProcess:
+    script = config.parent / "fake_clock_train.py"
+    script.write_text(FAKE_CLOCK_TRAIN)
+    return check(subprocess.run([sys.executable, str(script), "train", "--config", str(config), *args], cwd=REPO,
+                                env=env(), capture_output=True, text=True, timeout=300))
+
+
 def test_marks_and_budget_follow_the_training_clock_and_survive_a_resume(tmp_path):
     run_dir = tmp_path / "run"
     train = {"max_steps": 100000, "schedule": "constant", "log_every": 1, "time_budget_s": 3.0,
              "eval_at_s": [1.0, 2.0, 50.0]}
-    check(run_cli("train", "--config", str(write_config(tmp_path / "a.yaml", tiny_config(run_dir, train=train)))))
+    _train_on_fake_clock(write_config(tmp_path / "a.yaml", tiny_config(run_dir, train=train)))
     clock = {m["step"]: m["train_s"] for m in metrics(run_dir) if "loss" in m}
     state = json.loads((checkpoint.complete(run_dir / "checkpoints")[-1] / "state.json").read_text())
     stop = state["step"]
@@ -71,16 +93,28 @@ def test_marks_and_budget_follow_the_training_clock_and_survive_a_resume(tmp_pat
     # the mark at 50 s lies beyond the budget
     expected = sorted({_first_past(clock, m) for m in (1.0, 2.0)} | {stop})
     assert [e["step"] for e in _evals(run_dir)] == expected
+    assert clock == {s: 0.75 * s for s in range(1, 5)} and expected == [2, 3, 4]  # marks past, budget on a boundary
 
     # a larger budget on the same run directory continues the same clock: earlier marks are not redone
     more = dict(train, time_budget_s=4.0)
-    check(run_cli("train", "--config", str(write_config(tmp_path / "b.yaml", tiny_config(run_dir, train=more))),
-                  "--resume", "auto"))
+    _train_on_fake_clock(write_config(tmp_path / "b.yaml", tiny_config(run_dir, train=more)), "--resume", "auto")
     clock = {m["step"]: m["train_s"] for m in metrics(run_dir) if "loss" in m}
     after = json.loads((checkpoint.complete(run_dir / "checkpoints")[-1] / "state.json").read_text())
     assert after["step"] == _first_past(clock, 4.0) > stop
     assert min(c for s, c in clock.items() if s > stop) > state["train_s"]
     assert [e["step"] for e in _evals(run_dir)] == expected + [after["step"]]
+    assert after["step"] == 6 and after["train_s"] == 4.5  # 3.0 carried over + two steps of 0.75
+
+
+def test_the_training_clock_is_real_time_spent_in_steps(tmp_path):
+    """The fake clock above stands in for this one: the real clock counts step time, and only step time."""
+    run_dir = tmp_path / "run"
+    check(run_cli("train", "--config", str(write_config(tmp_path / "a.yaml", tiny_config(
+        run_dir, train={"max_steps": 3, "log_every": 1})))))
+    records = [m for m in metrics(run_dir) if "loss" in m]
+    assert all(m["step_s"] > 0 for m in records)
+    assert [m["train_s"] for m in records] == pytest.approx(list(itertools.accumulate(m["step_s"] for m in records)),
+                                                            abs=1e-3)
 
 
 def _row(task, method, fraction, scores):
