@@ -24,7 +24,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import zero
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 FORMAT = "bigadapt-checkpoint/1"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -178,6 +178,28 @@ def verify(ckpt: Path) -> dict:
             raise CheckpointError(f"{path}: corrupted (sha256 differs from manifest.json); "
                                   f"resume from an earlier checkpoint")
     return manifest
+
+
+def check_fresh_start(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """A run started without --resume must not silently replace the run already in its directory (its
+    checkpoints would be pruned in favour of the new ones and its metrics history lost)."""
+    if (resume and resume != "none") or overwrite:
+        return
+    found = sorted((run_dir / "checkpoints").glob("step-*"))
+    if found:
+        raise ConfigError(f"run_dir={str(run_dir)!r} already holds a run (checkpoint {found[-1].name}): continue it "
+                          f"with --resume auto, write elsewhere with --set run_dir=<new dir>, or replace it with "
+                          f"--overwrite")
+
+
+def clear_for_overwrite(run_dir: Path) -> None:
+    """--overwrite: the earlier run's checkpoints, metrics and tracker files go, so that nothing of it is resumed,
+    pruned against the new run's steps or drawn into its curves. Its other files (config, estimate) are rewritten
+    by the new run."""
+    for folder in ("checkpoints", "tensorboard"):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+    for name in ("metrics.jsonl", "wandb_id.txt", "labels.json"):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def find_resume(ckpt_root: Path, spec: str | None, log=print) -> Path | None:

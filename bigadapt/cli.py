@@ -1,10 +1,14 @@
-"""`bigadapt train|export|merge`: every user error is one line on stderr and exit code 2."""
+"""bigadapt: LoRA and the LoRA paper's baselines on a DeepSpeed ZeRO-3-sharded, frozen base.
+
+Every user error is one line on stderr and exit code 2; a run stopped by SIGUSR1/SIGTERM checkpoints and exits 3.
+"""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
+from .bench.cli import DELEGATED as DELEGATED_BENCHES
 from .errors import EXIT_USER_ERROR, BigadaptError, ConfigError
 
 
@@ -13,19 +17,24 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
     p.add_argument("--resume", default="none", help="none | auto (newest complete checkpoint) | a checkpoint dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run_dir that already holds a run (its checkpoints and metrics go)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
 def _submit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=0, help="0 = CPU job")
+    p.add_argument("--config", help="run config YAML (default: the embedded tiny run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (one launcher per node)")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; 0 = a CPU job")
     p.add_argument("--ranks-per-node", type=int, help="default: one per GPU, or 1 on CPU")
     p.add_argument("--cpus-per-node", type=int, help="default: 4 per GPU rank, 1 per CPU rank")
-    p.add_argument("--time", default="01:00:00", help="[D-]HH:MM:SS")
-    for opt in ("--partition", "--account", "--qos", "--constraint", "--name"):
-        p.add_argument(opt)
+    p.add_argument("--mem", help="memory per node in SLURM syntax (64G; 0 = all of it); default: the cluster's")
+    p.add_argument("--time", default="01:00:00", help="wall-clock limit, [D-]HH:MM:SS")
+    for opt, what in (("--partition", "partition"), ("--account", "account to charge"), ("--qos", "QOS"),
+                      ("--constraint", "node features (sbatch --constraint)"), ("--name", "job name")):
+        p.add_argument(opt, help=f"SLURM {what}")
     p.add_argument("--signal-lead", type=int, default=120, help="seconds of warning (SIGUSR1) before the limit")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="one array task per combination, e.g. --sweep method.r=4,8 --sweep train.seed=0,1")
@@ -33,17 +42,25 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bigadapt", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="bigadapt", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     _train_args(sub.add_parser("train", help="train (use through `deepspeed launch/train.py` for several ranks)"))
     e = sub.add_parser("export", help="write a checkpoint in another format")
     e.add_argument("run", help="run directory or checkpoint directory")
     e.add_argument("out")
     e.add_argument("--format", choices=["peft"], default="peft")
-    m = sub.add_parser("merge", help="write a Hugging Face model with the adapter merged into the base")
+    e.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    m = sub.add_parser("merge", help="write a Hugging Face model directory that serves as is: the adapter merged "
+                                     "into the base, config, tokenizer files, generation_config.json")
     m.add_argument("run", help="run directory or checkpoint directory")
     m.add_argument("out")
-    ev = sub.add_parser("eval", help="the task's metric on a trained run; writes RUN/eval-<split>.json")
+    m.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    from .generate import add_args as _generate_args
+    _generate_args(sub.add_parser("generate", help="try a trained run on prompts or in a chat (one process, or "
+                                                   "sharded: deepspeed --num_gpus N launch/bigadapt.py generate ...)"))
+    ev = sub.add_parser("eval", help="the task's metric (else eval loss and accuracy) on a trained run; writes "
+                                     "RUN/eval-<split>.json; sharded: deepspeed --num_gpus N launch/bigadapt.py eval")
     ev.add_argument("run", help="run directory or checkpoint directory")
     ev.add_argument("--split", default="dev", help="dev (E2E: valid) | test | train")
     ev.add_argument("--limit", type=int, default=0, help="score only the first N examples (sources); 0 = all")
@@ -56,28 +73,16 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--merged", action="store_true",
                     help="fold the adapter into the base first (LoRA, BitFit), as deployed; "
                          "writes eval-<split>-merged.json")
+    ev.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     rs = sub.add_parser("results", help="a Markdown table of the eval-*.json files of runs")
-    rs.add_argument("runs", nargs="+")
+    rs.add_argument("runs", nargs="+", metavar="RUN", help="run directories (e.g. runs/*)")
     from .estimate_cli import add_args as _estimate_args
     _estimate_args(sub.add_parser("estimate", help="per-rank memory and storage before a run (meta device)"))
     _submit_args(sub.add_parser("submit", help="submit a run to SLURM (job array for --sweep)"))
     st = sub.add_parser("status", help="job state and progress of a run directory")
-    st.add_argument("run")
-    # no abbreviations: the rest goes to the bench itself (its --r is not this parser's --ranks or --rounds)
-    b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios", allow_abbrev=False)
-    b.add_argument("what", choices=["peft", "windows", "latency", "throughput", "study", "section7"],
-                   help="peft: LoRA training step vs huggingface/peft + DeepSpeed; windows: ZeRO-3 gather windows "
-                        "sized from the model vs DeepSpeed's; latency: Table 1 forward latency; "
-                        "throughput: LoRA vs full FT step time; study: BitFit/adapters/LoRA/full across data "
-                        "fractions and time budgets; section7: the paper's Fig. 3, Fig. 4 and Table 7 on LoRA "
-                        "adapters trained on a real model (options: python -m bigadapt.bench.latency -h, ...study -h)")
-    b.add_argument("--ranks", type=int, default=2)
-    b.add_argument("--rounds", type=int, default=2, help="alternating launches per side")
-    b.add_argument("--json", help="also write the numbers to this file")
-    b.add_argument("--live-memory", action="store_true",
-                   help="peft: launch with a fixed glibc mmap threshold, so peak RSS tracks the tensors alive at "
-                        "once rather than the allocator's history (step times then include page faults)")
-    b.epilog = "Other flags go to each side, e.g. --arch llama-small --steps 40 --stage 3."
+    st.add_argument("run", help="run directory")
+    from .bench.cli import add_parser as _bench_parser
+    _bench_parser(sub)
     a = sub.add_parser("analyze", help="LoRA paper §7 analyses of trained LoRA runs")
     a.add_argument("what", choices=["subspace", "amplification"],
                    help="subspace RUN_A RUN_B: φ grids (eq. 4); amplification RUN: Table 7")
@@ -86,10 +91,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# Library noise that is not the user's business, silenced once for every subcommand. DeepSpeed calls torch's
+# deprecated collective names on every step; a default "once" filter does not hold them back, because
+# libraries reset the warning registry whenever they mutate filters (catch_warnings), so a 250-step run
+# printed ~500 copies. A user who wants them back sets BIGADAPT_WARNINGS=1.
+_NOISE = (
+    (FutureWarning, r"`torch\.distributed\.\w+` is deprecated"),
+)
+
+
+def quiet_library_noise() -> None:
+    if os.environ.get("BIGADAPT_WARNINGS"):
+        return
+    import warnings
+    for category, message in _NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_noise()
     p = parser()
     args, extra = p.parse_known_args(argv)
-    if extra and args.command != "bench":
+    if extra and not (args.command == "bench" and args.what in DELEGATED_BENCHES):
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     args.rest = extra
     try:
@@ -106,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     if args.command == "train":
+        from pathlib import Path
+
+        from .checkpoint import check_fresh_start
         from .config import load_config
         from .train import run
-        return run(load_config(args.config, args.overrides), args.resume)
+        cfg = load_config(args.config, args.overrides)
+        check_fresh_start(Path(cfg.run_dir), args.resume, args.overwrite)
+        return run(cfg, args.resume, overwrite=args.overwrite)
     if args.command == "estimate":
         from .estimate_cli import main as estimate
         return estimate(args)
@@ -123,41 +151,21 @@ def _dispatch(args) -> int:
         settings = evaluate.GenerationSettings(args.beams, args.length_penalty, args.no_repeat_ngram_size,
                                                args.max_new_tokens, args.batch_size)
         result = evaluate.evaluate_run(args.run, args.split, args.limit, settings, args.merged)
-        print(" ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()), f"(n={result['n']}, {args.split})")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(" ".join(f"{k}={v:.4g}" for k, v in result["metrics"].items()), f"(n={result['n']}, {args.split})")
         return 0
-    if args.command == "bench" and args.live_memory and args.what != "peft":
-        raise BigadaptError("bench --live-memory: only `bench peft` takes it; drop the flag")
-    if args.command == "bench" and args.what in ("study", "section7"):
-        from .bench import section7, study
-        return (study if args.what == "study" else section7).main(args.rest)
-    if args.command == "bench" and args.what not in ("peft", "windows"):
-        from .bench import latency, throughput
-        bench = latency if args.what == "latency" else throughput
-        result = bench.main(args.rest)
-        if args.json:
-            import json
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
-        return 0
+    if args.command == "generate":
+        from .generate import main as generate
+        return generate(args)
+    if args.command == "bench":
+        from .bench.cli import main as bench
+        return bench(args)
     if args.command == "analyze":
         return _analyze(args)
-    if args.command == "bench":
-        import json
-
-        from .bench import peft_compare, windows
-        if args.what == "peft":
-            bench, summary = peft_compare, peft_compare.compare(args.ranks, args.rounds, args.rest, args.live_memory)
-        else:
-            bench, summary = windows, windows.compare(args.ranks, args.rounds, args.rest)
-        bench.report(summary)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(summary, f, indent=1)
-        return 0
     from . import export
     if args.command == "export":
-        return export.to_peft(args.run, args.out)
-    return export.merged(args.run, args.out)
+        return export.to_peft(args.run, args.out, args.overwrite)
+    return export.merged(args.run, args.out, args.overwrite)
 
 
 def _analyze(args) -> int:

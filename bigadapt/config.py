@@ -20,7 +20,7 @@ from .errors import ConfigError
 DTYPES = ("fp32", "bf16", "fp16")
 OBJECTIVES = ("causal_lm", "seq_cls")
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")  # bitsandbytes base for method qlora
-SCHEDULES = ("linear", "constant")  # after warmup
+SCHEDULES = ("linear", "cosine", "constant")  # after warmup
 
 
 @dataclass
@@ -32,6 +32,7 @@ class ModelConfig:
     dtype: str = "fp32"  # frozen base dtype: fp32 | bf16 | fp16
     trust_remote_code: bool = False
     quantization: str = "none"  # none | nf4 | fp4 | int8: a bitsandbytes-quantized frozen base (method qlora)
+    tokenizer: str | None = None  # a tokenizer directory or hub id; None = name_or_path's (config-built: bytes)
 
 
 @dataclass
@@ -62,6 +63,18 @@ class DataConfig:
     num_eval: int = 512
     fraction: float = 1.0  # file tasks: deterministic, nested subset of the training split (0.1 ⊂ 0.3 ⊂ 1.0)
     max_examples: int = 0  # file tasks: at most this many training examples (MNLI-n style); 0 = all
+    # your own data (tasks sft, text, cls; docs/tasks.md "Your own data"); data.path is a file, a folder of
+    # per-split files, a save_to_disk folder or a hub dataset name
+    eval_path: str | None = None  # eval file; else the validation split; else eval_fraction of train held out
+    eval_fraction: float = 0.05  # held out of train (seeded by train.seed) when there is no eval split
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"  # sft: [{role, content}, ...] rendered with the chat template
+    text_column: str = "text"
+    text_pair_column: str | None = None  # cls: a second text (sentence pairs)
+    label_column: str = "label"
+    chat_template: str | None = None  # None = the tokenizer's own; else a Jinja string or a .jinja file
+    packing: bool = False  # sft: several examples per seq_len row, attention and positions kept per example
 
 
 @dataclass
@@ -73,7 +86,10 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     warmup_steps: int = 0
-    schedule: str = "linear"  # after warmup: linear decay to 0 at the last step, or constant (time-budgeted runs)
+    warmup_ratio: float = 0.0  # warmup as a fraction of the run's steps (rounded up); exclusive with warmup_steps
+    # after warmup: linear or cosine decay to min_lr_ratio x lr at the last step, or constant (time-budgeted runs)
+    schedule: str = "linear"
+    min_lr_ratio: float = 0.0
     max_steps: int = 0  # 0 -> run `epochs` epochs
     epochs: float = 1.0
     clip: float = 1.0  # gradient-norm clipping; 0 disables
@@ -87,6 +103,10 @@ class TrainConfig:
     # (not loading, evaluation or saves) and carries over a resume, so a budget means the same work anywhere.
     time_budget_s: float = 0.0
     eval_at_s: list[float] = field(default_factory=list)  # also evaluate when the training clock passes these
+    # copies of metrics.jsonl (always written) for tensorboard (local event files under run_dir/tensorboard, on by
+    # default: no account, no network) and wandb (opt-in: an account and an upload, pip install 'bigadapt[wandb]')
+    track: list[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: str = "bigadapt"
 
 
 @dataclass
@@ -238,7 +258,7 @@ def _check(ok: bool, key: str, value: Any, fix: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Value checks that need no model, no files and no process group."""
-    from . import methods
+    from . import methods, tracking
     from .data import TASKS
     from .methods import METHODS
 
@@ -263,6 +283,7 @@ def validate(cfg: RunConfig) -> None:
     _check(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
     _check(0 < d.fraction <= 1, "data.fraction", d.fraction, "a fraction of the training split in (0, 1]")
     _check(d.max_examples >= 0, "data.max_examples", d.max_examples, "must be >= 0 (0 = all examples)")
+    _check_user_data(cfg)
     _check(t.micro_batch > 0, "train.micro_batch", t.micro_batch, "must be a positive integer")
     _check(t.batch_size > 0, "train.batch_size", t.batch_size, "must be a positive integer")
     _check(t.batch_size % t.micro_batch == 0, "train.batch_size", t.batch_size,
@@ -274,6 +295,12 @@ def validate(cfg: RunConfig) -> None:
     _check(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0 (0 = use train.epochs)")
     _check(t.max_steps > 0 or t.epochs > 0, "train.epochs", t.epochs, "must be > 0 when train.max_steps is 0")
     _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+    _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "a fraction of the run's steps in [0, 1)")
+    _check(not (t.warmup_steps and t.warmup_ratio), "train.warmup_ratio", t.warmup_ratio,
+           f"set train.warmup_steps={t.warmup_steps} or train.warmup_ratio, not both")
+    _check(0 <= t.min_lr_ratio < 1, "train.min_lr_ratio", t.min_lr_ratio, "a fraction of train.lr in [0, 1)")
+    _check(not (t.min_lr_ratio and t.schedule == "constant"), "train.min_lr_ratio", t.min_lr_ratio,
+           "the constant schedule never decays; drop it or use schedule linear or cosine")
     _check(t.clip >= 0, "train.clip", t.clip, "must be >= 0 (0 disables clipping)")
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "a probability in [0, 1), e.g. 0.1")
     _check(t.keep_last >= 1, "train.keep_last", t.keep_last, "keep at least 1 checkpoint")
@@ -281,6 +308,7 @@ def validate(cfg: RunConfig) -> None:
         _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "must be >= 0")
     _check(t.time_budget_s >= 0, "train.time_budget_s", t.time_budget_s, "must be >= 0 (0 = no budget)")
     _check(t.schedule in SCHEDULES, "train.schedule", t.schedule, f"use one of {', '.join(SCHEDULES)}")
+    tracking.check(t.track)
     _check(all(x > 0 for x in t.eval_at_s) and list(t.eval_at_s) == sorted(t.eval_at_s), "train.eval_at_s",
            t.eval_at_s, "give increasing training-clock seconds > 0, e.g. [30, 60, 120]")
     _check(z.stage is None or z.stage in (0, 1, 2, 3), "zero.stage", z.stage, "ZeRO stage must be 0, 1, 2 or 3")
@@ -289,6 +317,39 @@ def validate(cfg: RunConfig) -> None:
     for key in ("prefetch_bucket_size", "max_live_parameters", "max_reuse_distance"):
         _check(getattr(z, key) is None or getattr(z, key) >= 0, f"zero.{key}", getattr(z, key),
                "must be >= 0 elements, or null to size it from the model")
+
+
+USER_TASKS = ("sft", "text", "cls")
+PACKING_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2")  # packed rows verified for these
+PREFIX_METHODS = ("pre_embed", "pre_layer", "lora+pe", "lora+pl")  # need an attention mask, which packing drops
+
+
+def _check_user_data(cfg: RunConfig) -> None:
+    """The keys of tasks sft/text/cls: the task's objective, the columns, the eval split and packing."""
+    m, d = cfg.model, cfg.data
+    _check(0 < d.eval_fraction < 1, "data.eval_fraction", d.eval_fraction, "a fraction in (0, 1), e.g. 0.05")
+    _check(m.tokenizer is None or bool(m.tokenizer.strip()), "model.tokenizer", m.tokenizer,
+           "give a tokenizer directory or hub id, or null")
+    for key in ("prompt_column", "completion_column", "messages_column", "text_column", "label_column"):
+        _check(bool(getattr(d, key).strip()), f"data.{key}", getattr(d, key), "name a column of the data")
+    _check(d.text_pair_column is None or bool(d.text_pair_column.strip()), "data.text_pair_column",
+           d.text_pair_column, "name a column of the data, or null")
+    _check(d.chat_template is None or bool(d.chat_template.strip()), "data.chat_template", d.chat_template,
+           "a Jinja string, a path to a .jinja file, or null for the tokenizer's own")
+    if d.task not in USER_TASKS:
+        return
+    _check(bool(d.path), "data.path", d.path, f"task {d.task} reads your data: set data.path to a .jsonl/.json/"
+           f".csv/.parquet file, a folder of split files, a save_to_disk folder or a hub dataset name")
+    want = "seq_cls" if d.task == "cls" else "causal_lm"
+    _check(m.objective == want, "model.objective", m.objective, f"task {d.task} needs model.objective={want}")
+    if d.packing:
+        _check(d.task == "sft", "data.packing", d.packing, "packing applies to task sft only; set it to false")
+        _check(cfg.method.name not in PREFIX_METHODS, "data.packing", d.packing,
+               f"method {cfg.method.name} needs an attention mask, which packed rows have none of; set false")
+        arch = m.arch.get("model_type")
+        _check(arch is None or arch in PACKING_MODEL_TYPES, "data.packing", d.packing,
+               f"model_type {arch} cannot tell packed examples apart from position ids (verified: "
+               f"{', '.join(PACKING_MODEL_TYPES)}); set data.packing=false")
 
 
 def check_world(cfg: RunConfig, world_size: int) -> int:

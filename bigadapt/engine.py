@@ -23,9 +23,23 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     _set_threads()
+    _skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend=_backend(), auto_mpi_discovery=False, verbose=False)
     atexit.unregister(_leave_group)  # several runs may share one process: leave it once, at exit
     atexit.register(_leave_group)
+
+
+def _skip_shm_comm_build() -> None:
+    """On CPU, DeepSpeed JIT-compiles its shared-memory comm op (~40-60 s on 2 cores, a C++ toolchain needed)
+    the first time a process group starts. The op serves only `inference_all_reduce` (tensor-parallel
+    inference kernels), which training never calls: ZeRO's collectives go through torch.distributed. Marking
+    it incompatible makes DeepSpeed skip the build, so a fresh install trains at once."""
+    if torch.cuda.is_available():
+        return
+    import deepspeed.ops
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
 
 
 def _leave_group() -> None:

@@ -20,24 +20,31 @@ UNITS = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mib
          "t": 2**40, "tb": 2**40, "tib": 2**40}
 
 
-def parse_size(text: str) -> int:
+# What the estimator can model but the trainer cannot yet do is said where the number is printed
+AC_NOTE = (", activation checkpointing [yellow](modelled only: no trainer key turns it on yet, so a run "
+           "cannot be started at this estimate)[/]")
+
+
+def parse_size(text: str, flag: str = "--gpu-memory") -> int:
     m = SIZE.match(text)
     if not m:
-        raise ConfigError(f"--gpu-memory={text!r}: write a size such as 80GB, 80GiB or 141GB")
+        raise ConfigError(f"{flag}={text!r}: write a size such as 80GB, 80GiB or 141GB")
     return int(float(m.group(1)) * UNITS[(m.group(2) or "").lower()])
 
 
 def add_args(p) -> None:
-    p.add_argument("--config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--config", help="run config YAML (default: the embedded tiny run)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.micro_batch=4 (repeatable)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes of the planned run")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node")
     p.add_argument("--gpu-memory", help="per GPU, e.g. 80GB: adds 'fits?' and the fewest GPUs that fit")
     p.add_argument("--micro-batch", type=int, help="default: train.micro_batch")
     p.add_argument("--seq-len", type=int, help="default: data.seq_len")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="model activation checkpointing (modelled only: the trainer cannot turn it on yet)")
     p.add_argument("--fit", action="store_true", help="also the largest micro-batch that fits")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON instead of tables")
 
 
 def main(args) -> int:
@@ -68,7 +75,7 @@ def report(est: dict, gpus_per_node: int, budget: int | None) -> None:
     con.print(f"[bold]{m['name']}[/]: {m['trainable']:,} trainable of {m['params_total']:,} "
               f"({m['trainable_pct']:.4f}%); {lay['world']} ranks, ZeRO stage {lay['stage']}, "
               f"micro-batch {lay['micro_batch']} x {lay['seq_len']} tokens"
-              f"{', activation checkpointing' if lay['activation_checkpointing'] else ''}")
+              f"{AC_NOTE if lay['activation_checkpointing'] else ''}")
     t = Table(title="per-rank memory (GiB)")
     for col in ("component", m["name"], "full fine-tuning"):
         t.add_column(col, justify="right")
@@ -96,8 +103,7 @@ def _fit_line(entry: dict, lay: dict, budget: int, gpus_per_node: int) -> str:
     total = entry["per_rank"]["total"]
     few = entry.get("fewest_ranks")
     where = (f"fewest GPUs that fit: {few} ({math.ceil(few / gpus_per_node)} nodes of {gpus_per_node})"
-             if few else "does not fit on any number of GPUs at this batch shape (try activation checkpointing "
-                         "or a smaller micro-batch)")
+             if few else "does not fit on any number of GPUs at this batch shape (try a smaller micro-batch)")
     verdict = ("fits" if total <= budget else
                f"does NOT fit: {_gib(total)} GiB per GPU, over by {_gib(total - budget)} GiB")
     mb = f"; largest micro-batch that fits: {entry['largest_micro_batch']}" if "largest_micro_batch" in entry else ""

@@ -1,7 +1,8 @@
 """`bigadapt submit` and `bigadapt status`: a run config becomes a SLURM job (or a job array for a sweep).
 
-The job runs the same `launch/train.py --config <run_dir>/config.yaml --resume auto` a person would, so
-a requeued job resumes from its newest checkpoint without being told to.
+The job runs the same `bigadapt train --config <run_dir>/config.yaml --resume auto` a person would (as
+`python -m bigadapt train`, which works from a checkout and from an installed wheel alike), so a requeued
+job resumes from its newest checkpoint without being told to.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .checkpoint import complete
 from .config import dump_config, load_config
 from .errors import ConfigError, SlurmError
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "train.py"
+TRAIN_COMMAND = ["-m", "bigadapt", "train"]
 
 
 def parse_sweep(items: list[str]) -> list[list[str]]:
@@ -46,13 +47,40 @@ def build_spec(args) -> tuple[slurm.JobSpec, str]:
              for p in sweep]
     spec = slurm.JobSpec(
         name=args.name or f"bigadapt-{run_dir.name}", run_dir=str(run_dir),
-        train_args=[str(TRAIN_SCRIPT), "--config", str(run_dir / "config.yaml"), "--resume", "auto"],
+        train_args=[*TRAIN_COMMAND, "--config", str(run_dir / "config.yaml"), "--resume", "auto"],
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, ranks_per_node=args.ranks_per_node,
         cpus_per_node=args.cpus_per_node or _default_cpus(args), time=args.time, partition=args.partition,
-        account=args.account, qos=args.qos, constraint=args.constraint, signal_lead_s=args.signal_lead,
+        account=args.account, qos=args.qos, constraint=args.constraint, mem=args.mem, signal_lead_s=args.signal_lead,
         python=sys.executable, task_overrides=tasks)
     slurm.validate(spec)
+    _check_cpu_job(cfg, spec, args.mem)
     return spec, dump_config(load_config(args.config, [*args.overrides, f"run_dir={run_dir}"]))
+
+
+# A CPU job is the default (--gpus-per-node 0); without --mem it is planned against this much per rank, so that
+# a GPU-sized config (GPT-3 175B, a 7B base) is not rendered into a job that can only die of memory.
+CPU_RANK_MEMORY = 64 * 2**30
+
+
+def _check_cpu_job(cfg, spec: slurm.JobSpec, mem: str | None) -> None:
+    """A CPU job whose predicted per-rank memory exceeds the node's is refused in one line, before anything is
+    written: the user meant GPUs, or must say how much memory the CPU nodes have."""
+    if spec.gpus_per_node:
+        return
+    from . import accounting
+    from .engine import zero_stage
+    from .estimate_cli import parse_size
+    world = spec.nodes * spec.rank_count
+    shape, _ = accounting.shapes(cfg)
+    layout = accounting.Layout(world, zero_stage(cfg, world), cfg.train.micro_batch, cfg.data.seq_len, device="cpu")
+    need = accounting.per_rank(shape, cfg, layout)["total"]
+    per_node = parse_size(mem, "--mem") if mem and mem != "0" else None
+    have = per_node // spec.rank_count if per_node else CPU_RANK_MEMORY
+    if need > have:
+        raise ConfigError(f"--gpus-per-node=0: a CPU job of this config needs {need / 2**30:,.1f} GiB per rank on "
+                          f"{world} rank(s), more than {have / 2**30:,.0f} GiB "
+                          f"({'--mem per rank' if per_node else 'assumed without --mem'}); pass --gpus-per-node "
+                          f"(see `bigadapt estimate --gpu-memory 80GB --fit`), or --mem if your CPU nodes hold it")
 
 
 def _default_cpus(args) -> int:

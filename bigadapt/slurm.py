@@ -1,7 +1,7 @@
-"""SLURM launch: render a job script from slurm/job.sbatch, submit it, watch it; rank entry point.
+"""SLURM launch: render a job script from bigadapt/templates/job.sbatch, submit it, watch it; rank entry point.
 
 The job script runs one torchrun per node through one `srun`, forwards SIGUSR1/SIGTERM to every
-rank, and requeues the job when the ranks exit with EXIT_PREEMPTED (3). See slurm/job.sbatch.
+rank, and requeues the job when the ranks exit with EXIT_PREEMPTED (3). See bigadapt/templates/job.sbatch.
 
 Every rank runs as `python -m bigadapt.slurm TRAIN_SCRIPT ARGS...` (or `-m MODULE ARGS...`): that
 runs the trainer in-process and records its exit code, which torchrun would otherwise flatten to 1.
@@ -26,7 +26,8 @@ from string import Template
 from bigadapt.errors import EXIT_PREEMPTED, ConfigError, SlurmError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE_PATH = REPO_ROOT / "slurm" / "job.sbatch"
+# package data: the template ships inside the package, so a wheel install renders jobs too
+TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "job.sbatch"
 RUN_DIR_TOKEN = "{run_dir}"  # in train_args / TaskOverride.args: the (per-task) run directory
 
 _TIME_RE = re.compile(r"^(\d+-)?\d{1,2}:\d{2}:\d{2}$")
@@ -62,7 +63,8 @@ class JobSpec:
     python: str = sys.executable  # the venv's python (not resolved: the venv is its bin dir)
     activate: str | None = None  # extra setup line, e.g. "module load cuda/12.4"
     env: dict[str, str] = field(default_factory=dict)
-    workdir: str = str(REPO_ROOT)  # relative train_args resolve here
+    # relative paths (train_args, a relative config) resolve here: the checkout, or where `submit` ran
+    workdir: str = field(default_factory=lambda: str(REPO_ROOT) if _needs_pythonpath() else os.getcwd())
     array: str | None = None  # e.g. "0-2%2"; default "0-<n-1>" when task_overrides is given
     task_overrides: list[TaskOverride] = field(default_factory=list)
     extra_sbatch: list[str] = field(default_factory=list)  # raw options, e.g. ["--exclusive"]
@@ -142,7 +144,7 @@ def validate(spec: JobSpec) -> None:
 
 
 def render_job_script(spec: JobSpec, template: str | None = None) -> str:
-    """The job script as text: slurm/job.sbatch (or `template`) with the spec filled in."""
+    """The job script as text: bigadapt/templates/job.sbatch (or `template`) with the spec filled in."""
     validate(spec)
     text = TEMPLATE_PATH.read_text() if template is None else template
     values = _template_values(spec)
@@ -246,8 +248,9 @@ def _env_exports(spec: JobSpec) -> str:
 
 
 def _needs_pythonpath() -> bool:
-    """A source checkout (not an installed package) must be put on the ranks' import path."""
-    return REPO_ROOT.name not in ("site-packages", "dist-packages")
+    """A source checkout (not an installed package) must be put on the ranks' import path. Only a checkout has
+    the project's setup.cfg beside the package (site-packages, a --target folder or a wheel never do)."""
+    return (REPO_ROOT / "setup.cfg").is_file()
 
 
 # --- submitting and watching -------------------------------------------------------------------

@@ -20,6 +20,7 @@ from .config import RunConfig, check_world, dump_config
 from .data import build_task
 from .data.batching import StepSampler, collate, count_targets
 from .errors import EXIT_PREEMPTED
+from .tracking import Trackers
 
 
 class StopRequest:
@@ -37,19 +38,27 @@ class StopRequest:
         self.signal = signum
 
 
+def warmup_steps(cfg: RunConfig, total: int) -> int:
+    """train.warmup_steps, or train.warmup_ratio of the run's steps rounded up (a ratio > 0 warms up >= 1 step)."""
+    # rounded first: 0.07 * 100 is 7.000000000000001 in floating point, and means 7 steps
+    return cfg.train.warmup_steps or math.ceil(round(cfg.train.warmup_ratio * total, 9))
+
+
 def lr_at(step: int, cfg: RunConfig, total: int) -> float:
-    """Linear warmup, then linear decay to zero (or constant): a pure function of the step, so resume needs no
-    state. Constant suits a time budget: the run's length is unknown, and a budget of T then trains exactly
-    the first T seconds of a longer run."""
-    warm = cfg.train.warmup_steps
+    """Linear warmup, then linear or cosine decay to min_lr_ratio x lr at the last step, or constant: a pure
+    function of the step, so resume needs no state. Constant suits a time budget: the run's length is
+    unknown, and a budget of T then trains exactly the first T seconds of a longer run."""
+    t, warm = cfg.train, warmup_steps(cfg, total)
     if step < warm:
-        return cfg.train.lr * (step + 1) / warm
-    if cfg.train.schedule == "constant":
-        return cfg.train.lr
-    return cfg.train.lr * max(0.0, (total - step) / max(1, total - warm))
+        return t.lr * (step + 1) / warm
+    if t.schedule == "constant":
+        return t.lr
+    left = max(0.0, (total - step) / max(1, total - warm))  # 1 at the end of warmup, 0 at the last step
+    shape = left if t.schedule == "linear" else 0.5 * (1 - math.cos(math.pi * left))
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * shape)
 
 
-def run(cfg: RunConfig, resume: str | None = None) -> int:
+def run(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> int:
     # the meta-device copy finds bad targets before any process or file exists, and feeds the accounting
     shape, _ = accounting.shapes(cfg)
     accounting.check_positions(shape, cfg)
@@ -73,6 +82,8 @@ def run(cfg: RunConfig, resume: str | None = None) -> int:
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:  # only now, once the base, method and engine are built (config errors came first)
+            checkpoint.clear_for_overwrite(run_dir)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         (run_dir / "estimate.json").write_text(json.dumps({"layout": vars(layout), "per_rank": predicted}, indent=1))
         checkpoint.clean_stale(ckpt_root)
@@ -95,12 +106,28 @@ def run(cfg: RunConfig, resume: str | None = None) -> int:
         display.log(f"resumed from {ckpt} at step {start}")
 
     task = build_task(cfg, eng.module.config.vocab_size)
+    if task.summary:
+        display.log(task.summary)
+    if rank == 0 and task.label_names is not None:  # what the classifier's ids mean, for whoever uses the adapter
+        (run_dir / "labels.json").write_text(json.dumps({"labels": task.label_names}, indent=1))
+    if cfg.data.packing:  # a KV cache hides packed rows from transformers' per-example masking
+        eng.module.config.use_cache = False
     sampler = StepSampler(len(task.train), cfg.train.batch_size, cfg.train.seed)
     total = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * sampler.steps_per_epoch))
     manifest = _manifest(cfg, base_fp, world)
+    # the trackers open (rank 0) once every check that can refuse the run has passed
+    tracker = Trackers(cfg.train.track, run_dir, start, cfg.to_dict(), rank)
     loop = Loop(cfg, eng, optimizer, task, sampler, total, run_dir, base_model.pad_id(eng.module), manifest,
-                train_s=resumed.get("train_s", 0.0), marks_done=resumed.get("marks_done"))
+                train_s=resumed.get("train_s", 0.0), marks_done=resumed.get("marks_done"), tracker=tracker)
+    try:
+        return _train_and_save(loop, start, stop, predicted, holdings)
+    finally:
+        tracker.close()  # on preemption and on errors too: the event files end flushed
 
+
+def _train_and_save(loop: Loop, start: int, stop: StopRequest, predicted: dict, holdings: dict) -> int:
+    cfg, eng, optimizer, manifest = loop.cfg, loop.eng, loop.optimizer, loop.manifest
+    ckpt_root = loop.run_dir / "checkpoints"
     step, outcome = loop.train(start, stop)
     if outcome == "preempted":
         checkpoint.save(ckpt_root, step, eng.module, optimizer, loop.state(step), manifest, cfg.train.keep_last)
@@ -110,7 +137,7 @@ def run(cfg: RunConfig, resume: str | None = None) -> int:
     final_eval = loop.evaluate(step)
     state = dict(loop.state(step), eval=final_eval)
     path = checkpoint.save(ckpt_root, step, eng.module, optimizer, state, manifest, cfg.train.keep_last)
-    _accounting_report(run_dir, predicted, eng, optimizer, loop.gathered)
+    _accounting_report(loop.run_dir, predicted, eng, optimizer, loop.gathered)
     _summary(path, holdings, final_eval, outcome)
     return 0
 
@@ -134,11 +161,15 @@ def _accounting_report(run_dir: Path, predicted: dict, eng, optimizer, gathered)
 
 
 class Loop:
+    # the training clock: only differences are used; tests replace it to make clock-driven stops deterministic
+    clock = staticmethod(time.perf_counter)
+
     def __init__(self, cfg, eng, optimizer, task, sampler, total, run_dir, pad, manifest, train_s=0.0,
-                 marks_done=None):
+                 marks_done=None, tracker: Trackers | None = None):
         self.cfg, self.eng, self.optimizer, self.task = cfg, eng, optimizer, task
         self.sampler, self.total, self.run_dir, self.pad = sampler, total, run_dir, pad
         self.manifest = manifest
+        self.tracker = tracker or Trackers([], run_dir, 0, {})
         self.world, self.rank = zero.world_size(), zero.rank()
         self.device = eng.device
         self.started = time.time()
@@ -157,6 +188,7 @@ class Loop:
     def train(self, start: int, stop: StopRequest) -> tuple[int, str]:
         t = self.cfg.train
         bar = display.progress(self.total, start)
+        eta = display.Eta(start, self.total)
         if bar:
             bar.start()
         try:
@@ -174,10 +206,11 @@ class Loop:
                 record = self.step(step, watch=start + 2 <= step < start + 4)
                 done = step + 1
                 if bar:
-                    bar.update(0, completed=done, info=f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                                                      f"{record['tokens_per_s']:.0f} tok/s")
+                    bar.update(0, completed=done, eta=eta.text(done),
+                               info=f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                                    f"{record['tokens_per_s']:.0f} tok/s")
                 if t.log_every and (done % t.log_every == 0 or done == self.total):
-                    self._log(record)
+                    self._log(record, f"eta={eta.text(done)}")
                 if t.eval_every and done % t.eval_every == 0 and done < self.total:
                     self.evaluate(done)
                 if t.save_every and done % t.save_every == 0 and done < self.total:
@@ -199,7 +232,7 @@ class Loop:
         return bool(signal), bool(over), int(marks)
 
     def step(self, step: int, watch: bool = False) -> dict:
-        t0 = time.time()
+        t0 = self.clock()
         if self.gathered:
             self.gathered.active = watch
         # dropout masks depend only on (seed, step, rank): an exact resume needs no saved RNG state
@@ -224,7 +257,7 @@ class Loop:
             self.gathered.active = False
         total_loss = zero.all_reduce_sum([loss_sum])[0] / n_terms
         tokens = sum(len(e["input_ids"]) for e in examples)
-        dt = time.time() - t0
+        dt = self.clock() - t0
         self.train_s += dt
         return {"step": step + 1, "loss": total_loss, "lr": lr, "samples": (step + 1) * self.cfg.train.batch_size,
                 "step_s": round(dt, 4), "train_s": self.train_s, "tokens_per_s": tokens / dt,
@@ -241,20 +274,10 @@ class Loop:
         sums = [0.0, 0.0, 0.0, 0.0]  # loss, terms, correct, predictions
         outputs = []  # (prediction, label) pairs for the task metric
         mb = self.cfg.train.micro_batch
-        for i in range(0, per_rank, mb):
-            idx = mine[i:i + mb]
-            real = [j for j in idx if j >= 0]
-            batch = self._batch([ex[j if j >= 0 else 0] for j in idx])
-            labels = batch.pop("labels")
-            logits = self.eng(**batch).logits[:len(real)]  # padding slots come last
-            if real:
-                labels = labels[:len(real)]
-                sums[0] += objectives.loss_sum(logits, labels, self.task.objective).item()
-                sums[1] += count_targets([ex[j] for j in real], self.task.objective)
-                c, n = objectives.correct(logits, labels, self.task.objective)
-                sums[2] += c
-                sums[3] += n
-                outputs += evaluate.predictions(logits, labels, self.task.objective)
+        with display.eval_progress(math.ceil(per_rank / mb)) as advance:
+            for i in range(0, per_rank, mb):
+                self._eval_batch(mine[i:i + mb], sums, outputs)
+                advance()
         loss, terms, right, n = zero.all_reduce_sum(sums)
         self.eng.train()
         result = {"step": step, "split": "eval", "train_s": self.train_s, "eval_loss": loss / max(terms, 1)}
@@ -264,17 +287,37 @@ class Loop:
         self._log(result)
         return result
 
+    def _eval_batch(self, idx: list[int], sums: list[float], outputs: list) -> None:
+        """One forward over eval examples `idx` (-1: a padding slot), adding into sums and outputs."""
+        ex = self.task.eval
+        real = [j for j in idx if j >= 0]
+        batch = self._batch([ex[j if j >= 0 else 0] for j in idx])
+        labels = batch.pop("labels")
+        logits = self.eng(**batch).logits[:len(real)]  # padding slots come last
+        if real:
+            labels = labels[:len(real)]
+            sums[0] += objectives.loss_sum(logits, labels, self.task.objective).item()
+            sums[1] += count_targets([ex[j] for j in real], self.task.objective)
+            c, n = objectives.correct(logits, labels, self.task.objective)
+            sums[2] += c
+            sums[3] += n
+            outputs += evaluate.predictions(logits, labels, self.task.objective)
+
     def _batch(self, examples: list[dict]) -> dict:
         batch = collate(examples, self.task.objective, self.pad)
         batch.update(methods.extra_inputs(self.cfg, examples))
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def _log(self, record: dict) -> None:
+    def _log(self, record: dict, extra: str = "") -> None:
+        """One record to metrics.jsonl (the source of truth) and the trackers; `extra` (the eta) goes to the log
+        line only, so records stay numeric and comparable across runs."""
         if self.rank != 0:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        display.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        self.tracker.log(record)
+        fields = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()]
+        display.log(" ".join(fields + ([extra] if extra else [])))
 
 
 def _trainable_rows(model, cfg) -> list[tuple[str, str, int]]:

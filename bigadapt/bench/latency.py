@@ -26,6 +26,7 @@ import torch
 from .. import methods
 from ..config import config_from_dict
 from ..model import build_base
+from . import save_json
 
 MEDIUM = {"n_layer": 24, "n_embd": 1024, "n_head": 16, "vocab_size": 50257}
 TABLE1 = [(32, 512), (16, 256), (1, 128)]
@@ -158,11 +159,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--from-json", metavar="PATH", help="time nothing: print and draw a run saved with --json")
     # one thread on CPU: on a shared host, OpenMP threads spinning against other jobs make timings 5-10x noisier
     p.add_argument("--threads", type=int, default=None if gpu else 1, help="torch CPU threads")
+    p.add_argument("--json", metavar="PATH", help="also write the numbers to this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.from_json:
-        return redraw(p, args)
+        return save_json(args.json, redraw(p, args))
     cells = parse_cells(args.cells)
     if args.png and not grid_of(cells):
         p.error(f"--png: the cells {args.cells} are not a full batch x seq grid; pass --cells fig5 or one, "
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["cells"].append({"batch": batch, "seq": seq, "median_s": med, "overhead_pct": over,
                                 "overhead_ci95_pct": ci})
     show_grid(result, args.png, args.png_top)
-    return result
+    return save_json(args.json, result)
 
 
 def show_grid(result: dict, png: str | None, top: float) -> None:

@@ -25,6 +25,7 @@ from .. import accounting, engine, methods, objectives, zero
 from .. import model as base_model
 from ..config import config_from_dict
 from ..display import memory_mb, resident_mb
+from .sides import ARCH_NAMES, add_side_options
 
 ARCHS = {
     "gpt2-small": {"model_type": "gpt2", "n_layer": 6, "n_embd": 384, "n_head": 6, "vocab_size": 4096,
@@ -36,6 +37,7 @@ ARCHS = {
 # the same modules on both sides (PEFT has no per-slice LoRA on GPT-2's fused c_attn)
 TARGETS = {"gpt2-small": (["attn.c_attn"], ["c_attn"]), "llama-small": (["q", "v"], ["q_proj", "v_proj"])}
 SIDES = ("bigadapt", "peft", "floor")
+assert tuple(ARCHS) == ARCH_NAMES  # the side options list them without importing torch
 # the floor side's only trainable tensors: the adapted projection's bias, where LoRA's B adds its output (Llama's
 # q_proj has none: the norm just before it)
 FLOOR = {"gpt2-small": ".attn.c_attn.bias", "llama-small": ".input_layernorm.weight"}
@@ -209,24 +211,9 @@ def one_side(args, x: torch.Tensor) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="python -m bigadapt.bench.peft_step")
     p.add_argument("--impl", choices=SIDES, required=True)
-    p.add_argument("--arch", choices=sorted(ARCHS), default="gpt2-small")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--stage", type=int, default=3)
-    p.add_argument("--persistence", type=int, default=100_000)
-    p.add_argument("--layers", type=int, help="blocks (default: the arch's 6)")
-    p.add_argument("--windows", choices=["sized", "deepspeed"], default="sized",
-                   help="ZeRO-3 gather windows: sized from the model (bigadapt's default) or DeepSpeed's own")
-    p.add_argument("--peer-config", choices=["same", "hf", "hf-all"], default="same",
-                   help="peft's DeepSpeed config: bigadapt's (the same windows and thresholds on every side), "
-                        "the one transformers' DeepSpeed guide gives its users (hf), or that one on every side "
-                        "(hf-all)")
+    add_side_options(p)
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int)
     args = p.parse_args()

@@ -83,8 +83,9 @@ def run_configs(out: Path, cfgs: list[dict]) -> int:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         t0, load0 = time.time(), os.getloadavg()[0]
         with open(out / f"{run_dir.name}.log", "w") as log:
-            rc = subprocess.run([sys.executable, str(repo / "launch/train.py"), "--config", str(path)],
-                                env=env, cwd=repo, stdout=log, stderr=subprocess.STDOUT).returncode
+            # --resume auto: a run the driver was stopped in continues from its checkpoint
+            cmd = [sys.executable, str(repo / "launch/train.py"), "--config", str(path), "--resume", "auto"]
+            rc = subprocess.run(cmd, env=env, cwd=repo, stdout=log, stderr=subprocess.STDOUT).returncode
         # the load beside each run: a wall-clock budget buys fewer steps on a busy machine
         cell = {"wall_s": round(time.time() - t0, 1), "load_start": load0, "load_end": os.getloadavg()[0],
                 "exit": rc}

@@ -19,6 +19,7 @@ import torch
 from .. import accounting, engine, methods, objectives
 from ..config import config_from_dict
 from ..model import build_base
+from . import save_json
 from .latency import arch
 
 PHASES = ("forward", "backward", "optimizer", "step")
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--act", default="gelu_new", help="GPT-2 activation_function (gelu_new | gelu_pytorch_tanh)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16" if gpu else "fp32")
     p.add_argument("--threads", type=int, default=None if gpu else 1, help="torch CPU threads")
+    p.add_argument("--json", metavar="PATH", help="also write the numbers to this file")
     args = p.parse_args(argv)
     engine.init_distributed()
     if args.threads:
@@ -100,8 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{1e3 * m['optimizer']:.1f} ms)  trainable {sides[k][1]:,}")
     print(f"step time ratio lora/full = {ratio:.3f} (paper GPT-3: 32.5/43.1 = 0.754; limit ~0.67; target <= 0.70); "
           f"forward+backward only = {compute:.3f}")
-    return {"arch": a, "args": vars(args), "median_s": med, "ratio": ratio, "forward_backward_ratio": compute,
-            "trainable": {k: v[1] for k, v in sides.items()}}
+    return save_json(args.json, {"arch": a, "args": vars(args), "median_s": med, "ratio": ratio,
+                                 "forward_backward_ratio": compute, "trainable": {k: v[1] for k, v in sides.items()}})
 
 
 if __name__ == "__main__":

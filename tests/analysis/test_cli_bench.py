@@ -19,8 +19,38 @@ def test_analyze_wrong_number_of_runs_is_a_user_error(capsys):
 
 
 def test_live_memory_is_only_for_the_peft_bench(capsys):
-    assert cli.main(["bench", "latency", "--live-memory"]) == 2
-    assert "only `bench peft` takes it" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # latency's own parser refuses what it does not take
+        cli.main(["bench", "latency", "--live-memory"])
+    assert e.value.code == 2 and "unrecognized arguments: --live-memory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "windows", "--live-memory"])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("bench,option", [("latency", "--cells"), ("throughput", "--stage"), ("study", "run"),
+                                          ("section7", "report"), ("peft", "--peer-config"), ("windows", "--arch")])
+def test_every_bench_has_its_own_help(bench, option, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", bench, "--help"])
+    assert e.value.code == 0 and option in capsys.readouterr().out
+
+
+def test_top_level_help_lists_every_subcommand_with_its_purpose(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("train", "estimate", "submit", "status", "eval", "results", "generate", "export", "merge",
+                    "bench", "analyze"):
+        assert command in out
+    assert "{" not in out  # one subcommand a line, not a brace list
+
+
+def test_peft_bench_passes_every_side_option_on():
+    from bigadapt.bench.sides import side_argv
+    args = cli.parser().parse_args(["bench", "peft", "--arch", "llama-small", "--steps", "3", "--layers", "24"])
+    argv = side_argv(args)
+    assert argv[argv.index("--arch") + 1] == "llama-small" and argv[argv.index("--layers") + 1] == "24"
+    assert "--peer-config" in argv and "--ranks" not in argv
 
 
 def test_latency_smoke_reports_every_variant():

@@ -26,15 +26,20 @@ def _unavailable(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> str:
-    """Runs setup.sh (idempotent: a no-op when the cluster is healthy); returns its status line."""
+def slurm_cluster():
+    """Runs setup.sh (idempotent: a no-op when the cluster is healthy); yields its status line. Daemons this
+    session started are stopped again at its end (teardown.sh); a cluster that was already up stays up."""
     if os.geteuid() != 0:
         _unavailable("slurm/localhost/setup.sh must run as root")
     proc = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         _unavailable(f"{SETUP} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
     _cancel_leftovers()
-    return proc.stdout.strip()
+    status = proc.stdout.strip()
+    yield status
+    if "- started" in status:
+        _cancel_leftovers()
+        subprocess.run(["bash", str(SETUP.with_name("teardown.sh"))], capture_output=True, timeout=120, check=False)
 
 
 def _cancel_leftovers() -> None:
