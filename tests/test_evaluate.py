@@ -1,5 +1,6 @@
 """Task metrics in one process: prediction pairs, generation, the results table and the CLI's errors."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -49,12 +50,15 @@ def test_generation_metrics_per_task():
     assert evaluate.generation_metrics("wikisql", ["SELECT a FROM table"], [["SELECT a FROM table"]]) == {
         "lf_accuracy": 1.0}
     assert "rouge1" in {k.lower() for k in evaluate.generation_metrics("samsum", ["x y"], [["x y"]])}
-    # WebNLG/DART: BLEU, METEOR, TER over all references (TER takes the closest reference's edits)
+    # WebNLG/DART: BLEU, METEOR, the paper's TER (GenerationEval's per-segment mean) and sacrebleu's corpus TER, over
+    # all references (TER takes the closest reference's edits); METEOR has another name without Java
     web = evaluate.generation_metrics("web_nlg", ["the cat sat on the mat"],
                                       [["a dog ran", "the cat sat on the mat"]])
-    assert set(web) == {"BLEU", "METEOR", "TER"} and web["TER"] == 0.0 and web["BLEU"] == pytest.approx(100.0)
-    assert evaluate.generation_metrics("dart", ["the cat sat"], [["the cat sat on the mat"]])["TER"] == \
-        pytest.approx(3 / 6)  # three deletions over a six-word reference
+    meteor = "METEOR" if shutil.which("java") else "METEOR_exact_stem"
+    assert set(web) == {"BLEU", meteor, "TER_segment_mean", "TER_corpus"} and web["BLEU"] == pytest.approx(100.0)
+    assert web["TER_segment_mean"] == web["TER_corpus"] == 0.0
+    dart = evaluate.generation_metrics("dart", ["the cat sat"], [["the cat sat on the mat"]])
+    assert dart["TER_segment_mean"] == dart["TER_corpus"] == pytest.approx(3 / 6)  # 3 deletions, 6 reference words
 
 
 def test_webnlg_seen_and_unseen_groups():
@@ -62,8 +66,10 @@ def test_webnlg_seen_and_unseen_groups():
     refs = [["the cat sat"], ["a dog ran fast"], ["birds fly"]]
     out = evaluate.grouped_metrics("web_nlg", hyps, refs, ["S", "U", "S"])
     seen = evaluate.generation_metrics("web_nlg", [hyps[0], hyps[2]], [refs[0], refs[2]])
-    assert out["TER_S"] == seen["TER"] == pytest.approx(1 / 5)  # one insertion over five reference words
-    assert out["TER_U"] == pytest.approx(1 / 4) and set(out) == {f"{m}_{g}" for m in seen for g in "SU"}
+    # corpus: one edit over five reference words; per-segment mean: (0 + 1/2) / 2
+    assert out["TER_corpus_S"] == seen["TER_corpus"] == pytest.approx(1 / 5)
+    assert out["TER_segment_mean_S"] == seen["TER_segment_mean"] == pytest.approx(1 / 4)
+    assert out["TER_corpus_U"] == pytest.approx(1 / 4) and set(out) == {f"{m}_{g}" for m in seen for g in "SU"}
 
 
 def test_length_penalty_defaults_per_task():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -154,8 +155,8 @@ def report(run_a: str, run_b: str, png: str | None = None) -> int:
         h3 = f"{delta_vs_base(fa[key]):.3f}, {delta_vs_base(fb[key]):.3f}"
         print(f"{key:40s} {g[0, 0]:9.3f} {grids['dW'][key][0, 0]:10.3f} {g[-1, -1]:11.3f} {rand:6.3f} {h3:>19s}")
     if png:
-        from .heatmap import write_png
-        write_png(png, list(grids["A"].values()))
-        print(f"wrote {png}: one {ra}x{rb} φ grid (basis A) per projection, top to bottom in the order above; "
-              f"rows i = 1..{ra}, columns j = 1..{rb}; viridis, purple 0 .. yellow 1")
+        from .heatmap import figure_path, heat_maps
+        heat_maps(png, grids["A"], f"φ(A_r={ra}, A_r={rb}, i, j): {Path(run_a).name} vs {Path(run_b).name} (basis A)")
+        print(f"wrote {figure_path(png)}: one {ra}x{rb} φ grid (basis A) per projection, in the order above; "
+              f"rows i = 1..{ra}, columns j = 1..{rb}")
     return 0

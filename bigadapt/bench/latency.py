@@ -119,15 +119,21 @@ def overhead_grid(result: dict) -> tuple[list[int], list[int], dict]:
     return batches, seqs, {(c["batch"], c["seq"]): c["overhead_pct"] for c in result["cells"]}
 
 
-def write_heat_maps(prefix: str, result: dict, top: float) -> list[str]:
-    """Fig. 5: one PNG per variant, rows = batch (smallest on top), columns = seq; 0% dark .. top% yellow."""
-    from ..analysis.heatmap import write_png
+def write_heat_maps(prefix: str, result: dict, top: float, fmt: str = "png") -> list[str]:
+    """Fig. 5: one heat map per variant (matplotlib, extra [plot]), rows = batch size (smallest on top), columns =
+    sequence length, each cell annotated with its % overhead; colour 0% .. `top`% (values outside are clipped)."""
+    from ..analysis.heatmap import figure_path, heat_maps
     batches, seqs, over = overhead_grid(result)
+    a = result.get("arch", {})
+    shape = f"GPT-2, {a.get('n_layer', '?')} layers, d={a.get('n_embd', '?')}"
     paths = []
     for k in VARIANTS[1:]:
-        g = torch.tensor([[max(0.0, over[b, s][k]) / top for s in seqs] for b in batches])
-        write_png(f"{prefix}-{k}.png", [g], cell=32, gap=0)
-        paths.append(f"{prefix}-{k}.png")
+        g = torch.tensor([[over[b, s][k] for s in seqs] for b in batches])
+        path = figure_path(f"{prefix}-{k}", fmt)
+        heat_maps(path, {k: g}, f"Inference latency overhead of {k} vs. the base\n({shape})",
+                  xlabel="sequence length", ylabel="batch size", colorbar="% overhead", vmin=0.0, vmax=top,
+                  xticks=seqs, yticks=batches, annotate=True)
+        paths.append(str(path))
     return paths
 
 
@@ -156,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--png", metavar="PREFIX", help="with a full batch x seq grid (e.g. --cells fig5): write "
                    "<PREFIX>-<variant>.png heat maps of the overhead, as the paper's Fig. 5")
     p.add_argument("--png-top", type=float, default=40.0, help="the overhead %% drawn yellow (default 40)")
+    p.add_argument("--format", default="png", choices=["png", "svg", "pdf"], help="file format of the heat maps")
     p.add_argument("--from-json", metavar="PATH", help="time nothing: print and draw a run saved with --json")
     # one thread on CPU: on a shared host, OpenMP threads spinning against other jobs make timings 5-10x noisier
     p.add_argument("--threads", type=int, default=None if gpu else 1, help="torch CPU threads")
@@ -189,19 +196,17 @@ def main(argv: list[str] | None = None) -> dict:
               + " ".join(f"{m:+6.1f}% ({lo:+.1f}..{hi:+.1f})".rjust(21) for m, lo, hi in paired.values()))
         result["cells"].append({"batch": batch, "seq": seq, "median_s": med, "overhead_pct": over,
                                 "overhead_ci95_pct": ci})
-    show_grid(result, args.png, args.png_top)
+    show_grid(result, args.png, args.png_top, args.format)
     return save_json(args.json, result)
 
 
-def show_grid(result: dict, png: str | None, top: float) -> None:
+def show_grid(result: dict, png: str | None, top: float, fmt: str = "png") -> None:
     grid = grid_of([(c["batch"], c["seq"]) for c in result["cells"]])
     if grid and len(result["cells"]) > 1:
         print_grids(result)
     if png:
-        paths = write_heat_maps(png, result, top)
-        batches, seqs = grid
-        print(f"\nheat maps: {', '.join(paths)} (rows batch {batches[0]}..{batches[-1]} top to bottom, columns "
-              f"seq {seqs[0]}..{seqs[-1]}; 0% or less dark purple, +{top:g}% or more yellow)")
+        paths = write_heat_maps(png, result, top, fmt)
+        print(f"\nheat maps: {', '.join(paths)} (colour 0% .. +{top:g}% overhead)")
 
 
 def redraw(p: argparse.ArgumentParser, args) -> dict:
@@ -212,7 +217,7 @@ def redraw(p: argparse.ArgumentParser, args) -> dict:
         p.error(f"--from-json {args.from_json}: not a saved `bench latency --json` run ({e})")
     if args.png and not grid_of(cells):
         p.error("--png: the saved cells are not a full batch x seq grid; run with --cells fig5")
-    show_grid(result, args.png, args.png_top)
+    show_grid(result, args.png, args.png_top, args.format)
     return result
 
 

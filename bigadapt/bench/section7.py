@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="Fig. 3, Fig. 4, Table 7 and App. H.3 of the complete runs")
     rep.add_argument("out")
     rep.add_argument("--png", help="write <PNG>-fig3.png and <PNG>-fig4.png heat maps (basis A)")
+    rep.add_argument("--format", default="png", choices=["png", "svg", "pdf"], help="file format of the heat maps")
     args = p.parse_args(argv)
     if args.what == "run":
         bad = [n for n in args.runs if n not in RUNS]
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--runs: unknown {bad}; use some of {','.join(RUNS)}")
         return run_configs(Path(args.out), [run_config(args, n) for n in args.runs])
     from .section7_report import report
-    return report(Path(args.out), args.png)
+    return report(Path(args.out), args.png, args.format)
 
 
 if __name__ == "__main__":

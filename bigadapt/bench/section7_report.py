@@ -85,7 +85,7 @@ def table7_table(trained: dict) -> str:
     return "\n".join(lines)
 
 
-def report(out: Path, png: str | None = None) -> int:
+def report(out: Path, png: str | None = None, fmt: str = "png") -> int:
     runs = find_runs(out)
     missing = [n for n in RUNS if n not in runs]
     if missing:
@@ -101,9 +101,11 @@ def report(out: Path, png: str | None = None) -> int:
     print(f"\n## Fig. 4: φ(A_r=64, A'_r=64, i, j), two seeds\n\n{fig4}")
     print("\n## Table 7: ‖UᵀWVᵀ‖_F for the top-r directions of ΔW, W and a random matrix\n\n" + table7_table(trained))
     if png:
-        from ..analysis.heatmap import write_png
+        from ..analysis.heatmap import figure_path, heat_maps
+        titles = {"fig3": "Fig. 3: φ(A_r=8, A_r=64, i, j)", "fig4": "Fig. 4: φ(A_r=64, A'_r=64, i, j), two seeds"}
+        paths = []
         for fig, grids in (("fig3", g3), ("fig4", g4)):
-            write_png(f"{png}-{fig}.png", list(grids.values()), cell=4, gap=4)
-        print(f"\nheat maps: {png}-fig3.png (8 x 64 per projection), {png}-fig4.png (64 x 64), projections top to "
-              "bottom in the tables' order; viridis, purple 0 .. yellow 1")
+            heat_maps(f"{png}-{fig}.{fmt}", grids, titles[fig])
+            paths.append(str(figure_path(f"{png}-{fig}.{fmt}")))
+        print(f"\nheat maps: {', '.join(paths)} (one panel per projection, in the tables' order)")
     return 0

@@ -10,7 +10,7 @@ gives every budget at the price of one. Cells are run one after another in one p
 all cores), skipped when already complete, so an interrupted study continues where it stopped.
 
     python -m bigadapt.bench.study run --model DIR --glue ../shared/data/glue --out runs/study
-    python -m bigadapt.bench.study report runs/study   # Markdown table + study.svg
+    python -m bigadapt.bench.study report runs/study   # Markdown table + study.png
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from .. import records as metrics_log
 
 # Per-method settings for a small BERT on short runs: the usual LR ranges of each method's paper
 # (full FT 1e-5..1e-4; LoRA, BitFit and adapters 1e-4..1e-3), above their high end for the PEFT methods:
@@ -99,7 +101,7 @@ def run_configs(out: Path, cfgs: list[dict]) -> int:
 
 def run_evals(run_dir: Path) -> list[dict]:
     """A run's eval records (metrics.jsonl), in the order it wrote them."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    records = metrics_log.read(run_dir / "metrics.jsonl")  # a torn last line is dropped with a warning
     return [r for r in records if r.get("split") == "eval"]
 
 
@@ -208,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also evaluate at these training-clock seconds (the smaller budgets)")
     r.add_argument("--seq-len", type=int, default=128)
     r.add_argument("--seed", type=int, default=0)
-    rep = sub.add_parser("report", help="Markdown table and SVG plot of the complete cells")
+    rep = sub.add_parser("report", help="Markdown table and plot (mean of seeds, min..max band) of the complete cells")
+    rep.add_argument("--format", choices=["png", "svg", "pdf"], default="png", help="the plot's file format")
     rep.add_argument("out")
     args = p.parse_args(argv)
     if args.what == "run":
@@ -222,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     spread = seeds_table(rows)
     if spread:
         print(f"\nacross seeds (each task's main metric x 100, seed by seed):\n\n{spread}")
-    from .study_plot import plot
-    svg = Path(args.out) / "study.svg"
-    svg.write_text(plot(first, MAIN_METRIC, NO_SKILL))
-    print(f"\nplot: {svg}")
+    from .study_plot import write_plot
+    # every seed goes in: the plot draws each cell's mean with the seeds' min..max band
+    out = write_plot(Path(args.out) / f"study.{args.format}", rows, MAIN_METRIC, NO_SKILL)
+    print(f"\nplot: {out}")
     return 0
 
 

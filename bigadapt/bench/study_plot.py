@@ -1,88 +1,83 @@
-"""The study's plot as a self-contained SVG (no plotting library): one panel per task, the task's main metric
-against the training budget, a line per method, solid for 100% of the data and dashed for the smaller fractions."""
+"""The study's plot with matplotlib (extra [plot]): one panel per task, the task's main metric against the training
+budget, a line per method (colour), solid for 100% of the data and dashed for the smaller fractions (line style).
+With several seeds of a cell the line is their mean and a band spans their min..max."""
 from __future__ import annotations
 
-from xml.sax.saxutils import escape
+import io
+import statistics
+from pathlib import Path
 
 COLORS = {"full": "#444444", "lora": "#d62728", "bitfit": "#1f77b4", "adapter_h": "#2ca02c"}
-DASHES = ["", "6,4", "2,3", "8,3,2,3"]
-W, H, PAD_L, PAD_B, PAD_T, PAD_R = 300, 240, 48, 36, 28, 12
+STYLES = ["-", "--", ":", "-."]
 
 
-def _series(rows: list[dict], task: str, metric: str) -> dict[tuple[str, float], list[tuple[float, float]]]:
+def _series(rows: list[dict], task: str, metric: str) -> dict[tuple[str, float], dict[float, list[float]]]:
+    """{(method, fraction): {budget: [value per seed]}}."""
     from .study import _eval_at
-    out = {}
+    out: dict = {}
     for r in rows:
         if r["task"] == task:
-            pts = [(m, _eval_at(r, m)) for m in r["marks"]]
-            out[(r["method"], r["fraction"])] = [(m, e[metric]) for m, e in pts if e and metric in e]
+            cell = out.setdefault((r["method"], r["fraction"]), {})
+            for m in r["marks"]:
+                e = _eval_at(r, m)
+                if e and metric in e:
+                    cell.setdefault(m, []).append(e[metric])
     return out
 
 
-def _panel(x0: int, task: str, metric: str, series: dict, fractions: list[float],
-           baseline: float | None = None) -> list[str]:
-    pts = [p for s in series.values() for p in s]
-    if not pts:
-        return []
-    if baseline is not None:
-        pts = pts + [(pts[0][0], baseline)]  # keep the reference line inside the panel
-    xmax = max(x for x, _ in pts)
-    ylo, yhi = min(y for _, y in pts), max(y for _, y in pts)
-    ylo, yhi = (ylo - 0.05, yhi + 0.05) if yhi - ylo < 1e-9 else (ylo - 0.05 * (yhi - ylo), yhi + 0.05 * (yhi - ylo))
+def figure(rows: list[dict], main_metric: dict[str, str], baselines: dict[str, float] | None = None):
+    """The matplotlib Figure; `baselines`: a dotted reference per task (what predicting the majority class scores)."""
+    from ..analysis.heatmap import pyplot
+    plt = pyplot()
+    tasks = [t for t in main_metric if any(r["task"] == t for r in rows)] or ["(no runs)"]
+    fractions = sorted({r["fraction"] for r in rows}, reverse=True)
+    seeds = len({r.get("seed", 0) for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False, constrained_layout=True)
+    for ax, task in zip(axes[0], tasks):
+        metric = main_metric.get(task, "")
+        for (method, fraction), cell in sorted(_series(rows, task, metric).items()):
+            if not cell:
+                continue
+            xs = sorted(cell)
+            color = COLORS.get(method, "#9467bd")
+            style = STYLES[min(fractions.index(fraction), len(STYLES) - 1)]
+            ax.plot(xs, [statistics.mean(cell[x]) for x in xs], style, color=color, marker="o", markersize=3,
+                    label=f"{method}, {100 * fraction:g}% data")
+            if any(len(cell[x]) > 1 for x in xs):
+                ax.fill_between(xs, [min(cell[x]) for x in xs], [max(cell[x]) for x in xs], color=color, alpha=0.15,
+                                linewidth=0)
+        if baselines and task in baselines:
+            ax.axhline(baselines[task], color="#999999", linestyle=(0, (1, 3)), label="no skill")
+        ax.set_title(f"{task} ({metric})")
+        ax.set_xlabel("training budget (s)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    legend: dict = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
+    spread = f"mean of {seeds} seeds, band min..max" if seeds > 1 else "one seed"
+    fig.suptitle(f"Main metric against the training budget ({spread})")
+    return fig
 
-    def sx(x):
-        return x0 + PAD_L + (W - PAD_L - PAD_R) * x / xmax
 
-    def sy(y):
-        return PAD_T + (H - PAD_T - PAD_B) * (1 - (y - ylo) / (yhi - ylo))
-
-    el = [f'<text x="{x0 + W / 2}" y="16" text-anchor="middle" font-weight="bold">{escape(task)} ({metric})</text>',
-          f'<rect x="{x0 + PAD_L}" y="{PAD_T}" width="{W - PAD_L - PAD_R}" height="{H - PAD_T - PAD_B}" '
-          f'fill="none" stroke="#999"/>']
-    for k in range(5):
-        y = ylo + (yhi - ylo) * k / 4
-        el.append(f'<text x="{x0 + PAD_L - 4}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
-    for x in sorted({x for x, _ in pts}):
-        el.append(f'<text x="{sx(x):.1f}" y="{H - PAD_B + 14}" text-anchor="middle">{x:g}</text>')
-    el.append(f'<text x="{x0 + PAD_L + (W - PAD_L - PAD_R) / 2}" y="{H - 4}" text-anchor="middle">'
-              f'training budget (s)</text>')
-    if baseline is not None:
-        el.append(f'<line x1="{x0 + PAD_L}" y1="{sy(baseline):.1f}" x2="{x0 + W - PAD_R}" y2="{sy(baseline):.1f}" '
-                  f'stroke="#aaa" stroke-dasharray="1,3"/><text x="{x0 + W - PAD_R - 2}" y="{sy(baseline) - 3:.1f}" '
-                  f'text-anchor="end" fill="#888">no skill</text>')
-    for (method, fraction), s in sorted(series.items()):
-        if not s:
-            continue
-        dash = DASHES[min(fractions.index(fraction), len(DASHES) - 1)]
-        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in sorted(s))
-        el.append(f'<polyline points="{path}" fill="none" stroke="{COLORS.get(method, "#9467bd")}" '
-                  f'stroke-width="2" stroke-dasharray="{dash}"/>')
-        el += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{COLORS.get(method, "#9467bd")}"/>'
-               for x, y in s]
-    return el
+def write_plot(path: str | Path, rows: list[dict], main_metric: dict[str, str],
+               baselines: dict[str, float] | None = None) -> Path:
+    """Write the plot; the format follows the suffix (.png, .svg, .pdf; anything else gets .png)."""
+    from ..analysis.heatmap import figure_path, pyplot
+    fig, out = figure(rows, main_metric, baselines), figure_path(path)
+    fig.savefig(out, dpi=120)
+    pyplot().close(fig)
+    return out
 
 
 def plot(rows: list[dict], main_metric: dict[str, str], baselines: dict[str, float] | None = None) -> str:
-    """`baselines`: a dotted reference per task (what predicting the majority class scores)."""
-    tasks = [t for t in main_metric if any(r["task"] == t for r in rows)]
-    fractions = sorted({r["fraction"] for r in rows}, reverse=True)
-    methods = sorted({r["method"] for r in rows})
-    legend_h = 20 * (len(methods) + len(fractions)) + 10
-    width, height = W * max(1, len(tasks)), H + legend_h
-    el = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-          f'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
-    for i, task in enumerate(tasks):
-        el += _panel(i * W, task, main_metric[task], _series(rows, task, main_metric[task]), fractions,
-                     (baselines or {}).get(task))
-    y = H + 14
-    for m in methods:
-        el.append(f'<line x1="{PAD_L}" y1="{y - 4}" x2="{PAD_L + 30}" y2="{y - 4}" stroke="{COLORS.get(m, "#9467bd")}" '
-                  f'stroke-width="2"/><text x="{PAD_L + 36}" y="{y}">{escape(m)}</text>')
-        y += 20
-    for f in fractions:
-        dash = DASHES[min(fractions.index(f), len(DASHES) - 1)]
-        el.append(f'<line x1="{PAD_L}" y1="{y - 4}" x2="{PAD_L + 30}" y2="{y - 4}" stroke="#000" stroke-width="2" '
-                  f'stroke-dasharray="{dash}"/><text x="{PAD_L + 36}" y="{y}">{100 * f:g}% of the training data</text>')
-        y += 20
-    el.append("</svg>")
-    return "\n".join(el) + "\n"
+    """The plot as SVG text."""
+    from ..analysis.heatmap import pyplot
+    fig, buf = figure(rows, main_metric, baselines), io.StringIO()
+    fig.savefig(buf, format="svg")
+    pyplot().close(fig)
+    return buf.getvalue()

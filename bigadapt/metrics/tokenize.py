@@ -1,40 +1,17 @@
-"""The two tokenizations the E2E NLG evaluation (tuetschek/e2e-metrics, run with `-p` by microsoft/LoRA) applies.
+"""Fallback for the PTB tokenization of METEOR, ROUGE-L and CIDEr when Java is missing (`coco.java_available()`).
 
-Both are our own code, written from the tools' documented behaviour (no regexes or lists copied).
-
-* BLEU and NIST go through `metrics/pymteval.py`, a Python port of mteval-v13a's NormalizeText:
-  SGML entities are un-escaped, punctuation is split off (but not "-" or "'", and "." / "," only
-  away from digits; a "-" right after a digit is split), and n-grams are matched
-  case-insensitively. `mteval_tokenize` does all of that (lowercasing up front) with a character
-  scanner. Compared with pymteval's own tokenizer (lowercased): identical, token for token, on
-  all E2E references (valid 4,672, test 4,693, train 42,061 sentences) and all MRPC sentences
-  (dev 816, train 7,336, test 3,450). Known divergence, absent from both: doubly escaped entities
-  ("&amp;lt;" becomes "&lt;" here, "<" in mteval, which un-escapes one entity after the other).
-* METEOR, ROUGE-L and CIDEr go through the MS-COCO caption code: Stanford PTBTokenizer (CoreNLP
-  3.4.1, Java) with `-lowerCase`, then punctuation tokens are dropped (`_coco_dropped`).
-  `coco_tokenize` re-implements the parts of PTB that matter for that: splitting off edge
-  punctuation (keeping abbreviations such as "u.s." and "st."), clitics ("wo n't", "it 's"),
-  brackets ("-lrb-"), quotes, currency ("£" becomes "#"). The abbreviations kept whole are our own
-  list of common English ones (`_ABBREVIATIONS`) plus dotted letters, not taken from PTB or
-  Meteor. Compared with the jar followed by the official punctuation removal: identical on all
-  9,365 E2E valid/test references (4,672 + 4,693) and on the e2e-metrics example inputs; on raw
-  news text it differs in MRPC dev on 10 of 816 sentences (22 of 15,944 token positions), train
-  245 of 7,336 (619 of 141,878), test 136 of 3,450 (322 of 66,242), in rarer cases PTB handles
-  and we do not ("s&p", "us$", "1.76bn", "anti-", "no.", "pfc."; "cannot" is handled).
+With Java the E2E metrics tokenize with the Stanford PTBTokenizer jar that pycocoevalcap ships (`coco.ptb_tokenize`).
+Without it, `coco_tokenize` stands in: our own code, written from the tool's documented behaviour (no regexes or
+lists copied), for PTBTokenizer(-lowerCase) followed by pycocoevalcap's punctuation removal. It re-implements the
+parts of PTB that matter for that: splitting off edge punctuation (keeping abbreviations such as "u.s." and
+"st."), clitics ("wo n't", "it 's"), brackets ("-lrb-"), quotes, currency ("£" becomes "#"). Compared with the jar
+followed by the official punctuation removal: identical on all 9,365 E2E valid/test references and on the
+e2e-metrics example inputs; on raw news text it differs in MRPC dev on 10 of 816 sentences (22 of 15,944 token
+positions), in rarer cases PTB handles and we do not ("s&p", "us$", "1.76bn", "anti-", "no.", "pfc.").
 """
 from __future__ import annotations
 
 import re
-import string
-
-# -- mteval-v13a NormalizeText, written from its documented behaviour ------------------------------
-# ASCII punctuation that always becomes a token of its own: everything in string.punctuation except
-# the four marks mteval treats specially ("." and "," depend on digits, "-" on a preceding digit,
-# "'" is never split off).
-_MTEVAL_ALWAYS_SPLIT = frozenset(string.punctuation) - frozenset(".,-'")
-_ASCII_DIGITS = frozenset(string.digits)
-_SGML_ENTITY = re.compile(r"&(amp|lt|gt|quot);")
-_SGML_CHARS = {"amp": "&", "lt": "<", "gt": ">", "quot": '"'}
 
 # -- MS-COCO (pycocoevalcap) punctuation removal -------------------------------------------------------
 # The tokens the caption code throws away after PTB tokenization, grouped by kind (our own grouping;
@@ -73,32 +50,6 @@ _ABBREVIATION = re.compile(
     r"|^[a-z]+(?:\.[a-z]+)+\.$"  # dotted words: "ph.d."
     rf"|^(?:{'|'.join(' '.join(_ABBREVIATIONS.values()).split())})\.$")
 _EDGE = ".,;:!?'`-"
-
-
-def mteval_tokenize(text: str) -> list[str]:
-    """mteval-v13a's NormalizeText (non-international), lowercased for case-insensitive matching.
-
-    Documented behaviour, implemented as a character scanner: drop "<skipped>" markers and join
-    lines, un-escape the SGML entities &amp; &lt; &gt; &quot;, make every ASCII punctuation mark
-    a separate token except "'" (never split), "-" (split only right after a digit) and "." / ","
-    (kept only between two digits, as in "3.5" or "1,000"), then split on whitespace.
-    """
-    text = text.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
-    text = _SGML_ENTITY.sub(lambda m: _SGML_CHARS[m.group(1)], text)  # one pass: "&amp;lt;" -> "&lt;"
-    out = []
-    for k, char in enumerate(text):
-        before = text[k - 1] if k else " "
-        after = text[k + 1] if k + 1 < len(text) else " "
-        if char in _MTEVAL_ALWAYS_SPLIT:
-            split = True
-        elif char in ".,":
-            split = before not in _ASCII_DIGITS or after not in _ASCII_DIGITS
-        elif char == "-":
-            split = before in _ASCII_DIGITS
-        else:
-            split = False
-        out.append(f" {char} " if split else char)
-    return "".join(out).lower().split()
 
 
 def coco_tokenize(text: str) -> list[str]:
