@@ -24,42 +24,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import zero
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, DivergedError, StorageError
+from .fingerprint import check_fingerprint, fingerprint  # noqa: F401 (callers use checkpoint.fingerprint)
 
 FORMAT = "bigadapt-checkpoint/1"
 MOMENTS = ("exp_avg", "exp_avg_sq")
-SAMPLED_TENSORS = 8
-SAMPLE_ELEMENTS = 1024
-
-
-# ---------------------------------------------------------------- base fingerprint
-def fingerprint(model: torch.nn.Module, exclude: list[str] = ()) -> dict:
-    """*Collective.* Architecture, shapes and a hash of a sample of the frozen base weights.
-
-    The sample is the leading elements of a few weight matrices, rounded to bf16 before hashing so the
-    same base in fp32 or bf16 matches; nothing is gathered for large tensors, and the answer is the same
-    on any world size.
-    """
-    params = [(n.replace(".base_layer", ""), p) for n, p in model.named_parameters()
-              if not any(n == x or n.startswith(x + ".") for x in exclude)]
-    shapes = hashlib.sha256("\n".join(f"{n}:{list(zero.full_shape(p))}" for n, p in params).encode())
-    matrices = [p for _, p in params if len(zero.full_shape(p)) >= 2]
-    step = max(1, len(matrices) // SAMPLED_TENSORS)
-    sample = torch.cat([zero.leading_elements(p, SAMPLE_ELEMENTS) for p in matrices[::step][:SAMPLED_TENSORS]])
-    weights = hashlib.sha256(sample.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-    dtypes = sorted({str(p.dtype).replace("torch.", "") for _, p in params})
-    return {"model_type": getattr(model.config, "model_type", ""), "class": type(model).__name__,
-            "num_params": sum(zero.full_numel(p) for _, p in params), "dtype": ",".join(dtypes),
-            "shapes_sha256": shapes.hexdigest()[:16], "weights_sha256": weights.hexdigest()[:16]}
-
-
-def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
-    for key, what in (("model_type", "architecture"), ("num_params", "parameter count"),
-                      ("shapes_sha256", "parameter shapes"), ("weights_sha256", "base weights")):
-        if saved.get(key) != current.get(key):
-            raise CheckpointError(
-                f"{where}: was trained on another base ({what} differ: saved {saved.get(key)}, "
-                f"this base {current.get(key)}); load it onto the model named in its manifest.json")
 
 
 # ---------------------------------------------------------------- writing
@@ -84,6 +53,7 @@ def _fsync_dir(path: Path) -> None:
 
 def gather_trainable(model, optimizer) -> tuple[dict, dict]:
     """*Collective.* Trainable masters and Adam moments, one parameter at a time; base never touched."""
+    zero.link_fp32_copies(optimizer)  # bf16/fp16 at stage 0: masters and moments live on fp32 copies
     tensors, moments = {}, {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -95,14 +65,33 @@ def gather_trainable(model, optimizer) -> tuple[dict, dict]:
 
 
 def save(ckpt_root: Path, step: int, model, optimizer, state: dict, manifest: dict, keep_last: int) -> Path:
-    """*Collective.* Every rank gathers; rank 0 writes atomically and prunes to the newest keep_last."""
+    """*Collective.* Every rank gathers; rank 0 writes atomically and prunes to the newest keep_last.
+
+    Refused on every rank alike (the gathered tensors are the same everywhere): a non-finite tensor
+    (DivergedError: a diverged state never displaces a good checkpoint) or a write that failed on rank 0
+    (StorageError: disk full, permissions; the previous checkpoints are left as they were)."""
     tensors, moments = gather_trainable(model, optimizer)
+    _check_finite(step, {**tensors, **moments})
     final = ckpt_root / f"step-{step:08d}"
+    failure = None
     if zero.rank() == 0:
-        _write_atomic(final, tensors, moments, state, manifest)
-        prune(ckpt_root, keep_last)
-    zero.barrier()
+        try:
+            _write_atomic(final, tensors, moments, state, manifest)
+            prune(ckpt_root, keep_last)
+        except OSError as e:
+            failure = (f"{e.filename or final}: cannot write checkpoint {final.name} ({e.strerror}); the "
+                       f"checkpoints before it are intact: free space or fix permissions, then --resume auto")
+    failure = zero.all_gather_object(failure)[0]  # rank 0's outcome, and the barrier every rank waits at
+    if failure:
+        raise StorageError(failure)
     return final
+
+
+def _check_finite(step: int, tensors: dict) -> None:
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise DivergedError(f"step {step}: {name} is not finite, so it was not checkpointed; the newest "
+                                f"checkpoint is the last good one (lower train.lr, then --resume auto)")
 
 
 def _write_atomic(final: Path, tensors: dict, moments: dict, state: dict, manifest: dict) -> None:
@@ -110,6 +99,22 @@ def _write_atomic(final: Path, tensors: dict, moments: dict, state: dict, manife
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _fill(tmp, tensors, moments, state, manifest)
+    except BaseException:  # disk full, or a kill signal turned into an exception: no half-written debris
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # re-saving a step (e.g. after a resume): swap, never leave a gap without it
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+
+
+def _fill(tmp: Path, tensors: dict, moments: dict, state: dict, manifest: dict) -> None:
     tmp.mkdir()
     files = {"adapter.safetensors": st_save(tensors, metadata={"format": FORMAT}),
              "optimizer.safetensors": st_save(moments, metadata={"format": FORMAT}),
@@ -123,27 +128,32 @@ def _write_atomic(final: Path, tensors: dict, moments: dict, state: dict, manife
                     files={f: {"bytes": len(d), "sha256": _sha256(d)} for f, d in files.items()})
     _write(tmp / "manifest.json", json.dumps(manifest, indent=1, default=str).encode())
     _fsync_dir(tmp)
-    if final.exists():  # re-saving a step (e.g. after a resume): swap, never leave a gap without it
-        old = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:
+    """Remove all but the newest keep_last complete checkpoints. Each is first renamed out of the step-* names,
+    so a kill during the removal leaves `.old-*` debris (cleared at the next start), never a step-* directory
+    that is neither complete nor ever removed."""
     for old in complete(ckpt_root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
+
+
+def _discard(path: Path) -> None:
+    doomed = path.with_name(f".old-{path.name}-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def clean_stale(ckpt_root: Path) -> None:
-    """Remove temporary directories left by a save that was killed (they were never visible as checkpoints)."""
-    for d in ckpt_root.glob(".tmp-*"):
+    """Remove what a killed save or prune left: temporary directories (never visible as checkpoints) and step-*
+    directories without a manifest. A checkpoint appears under its step-* name only by a rename after its
+    manifest was written, so one without a manifest is the remains of a removal (or a copy a user broke):
+    nothing can resume from it, and left there it would be taken for a run forever."""
+    for d in [*ckpt_root.glob(".tmp-*"), *ckpt_root.glob(".old-*")]:
         shutil.rmtree(d, ignore_errors=True)
-    for d in ckpt_root.glob(".old-*"):
-        shutil.rmtree(d, ignore_errors=True)
+    for d in ckpt_root.glob("step-*"):
+        if d.is_dir() and not (d / "manifest.json").is_file():
+            _discard(d)
 
 
 # ---------------------------------------------------------------- reading
@@ -161,11 +171,13 @@ def verify(ckpt: Path) -> dict:
         raise CheckpointError(f"{ckpt}: not a complete bigadapt checkpoint (no manifest.json); "
                               f"pass a step-* directory, or --resume auto")
     try:
-        manifest = json.loads(mpath.read_text())
+        manifest = json.loads(mpath.read_text(errors="replace"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{mpath}: corrupted ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{ckpt}: format {manifest.get('format')!r}, this bigadapt reads {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(f"{ckpt}: format {found!r}, this bigadapt reads {FORMAT!r}")
+    _check_manifest_shape(manifest, mpath)
     for fname, meta in manifest["files"].items():
         path = ckpt / fname
         if not path.is_file():
@@ -180,46 +192,53 @@ def verify(ckpt: Path) -> dict:
     return manifest
 
 
-def check_fresh_start(run_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """A run started without --resume must not silently replace the run already in its directory (its
-    checkpoints would be pruned in favour of the new ones and its metrics history lost)."""
-    if (resume and resume != "none") or overwrite:
-        return
-    found = sorted((run_dir / "checkpoints").glob("step-*"))
-    if found:
-        raise ConfigError(f"run_dir={str(run_dir)!r} already holds a run (checkpoint {found[-1].name}): continue it "
-                          f"with --resume auto, write elsewhere with --set run_dir=<new dir>, or replace it with "
-                          f"--overwrite")
+# What readers index without checking: a manifest of another shape (valid JSON, hand-edited, another tool's) is
+# damaged like a truncated one, not a KeyError
+REQUIRED_FILES = ("adapter.safetensors", "optimizer.safetensors", "state.json")
 
 
-def clear_for_overwrite(run_dir: Path) -> None:
-    """--overwrite: the earlier run's checkpoints, metrics and tracker files go, so that nothing of it is resumed,
-    pruned against the new run's steps or drawn into its curves. Its other files (config, estimate) are rewritten
-    by the new run."""
-    for folder in ("checkpoints", "tensorboard"):
-        shutil.rmtree(run_dir / folder, ignore_errors=True)
-    for name in ("metrics.jsonl", "wandb_id.txt", "labels.json"):
-        (run_dir / name).unlink(missing_ok=True)
+def _check_manifest_shape(manifest: dict, mpath: Path) -> None:
+    files, tensors = manifest.get("files"), manifest.get("tensors")
+    ok = (isinstance(files, dict) and isinstance(tensors, dict) and isinstance(manifest.get("base"), dict)
+          and all(f in files for f in REQUIRED_FILES)
+          and all(isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
+                  for m in files.values())
+          and all(isinstance(t, dict) and isinstance(t.get("shape"), list) for t in tensors.values()))
+    if not ok:
+        raise CheckpointError(f"{mpath}: not the manifest bigadapt writes (fields missing or of the wrong type); "
+                              f"resume from an earlier checkpoint")
 
 
 def find_resume(ckpt_root: Path, spec: str | None, log=print) -> Path | None:
-    """`auto` -> the newest checkpoint that verifies (a damaged newer one is reported and skipped)."""
+    """`auto` -> the newest checkpoint that verifies (a damaged newer one is reported and skipped); None when there
+    is none yet (a first start). Checkpoints that are all damaged are an error: starting over from step 0 would
+    silently throw the run away."""
     if not spec or spec == "none":
         return None
     if spec != "auto":
         verify(Path(spec))
         return Path(spec)
-    for ckpt in reversed(complete(ckpt_root)):
+    found = complete(ckpt_root)  # a step-* without a manifest is debris of a removal (clean_stale), not a run
+    for ckpt in reversed(found):
         try:
             verify(ckpt)
             return ckpt
         except CheckpointError as e:
             log(f"skipping damaged checkpoint: {e}")
+    if found:
+        raise CheckpointError(f"{ckpt_root}: none of its {len(found)} checkpoint(s) is intact (newest "
+                              f"{found[-1].name}); restore one from a backup, or start over with --overwrite")
     return None
 
 
 def read_tensors(ckpt: Path, fname: str) -> dict[str, torch.Tensor]:
-    return st_load((ckpt / fname).read_bytes())
+    """A safetensors file, or a one-line CheckpointError naming it (truncated, garbage, not safetensors)."""
+    from safetensors import SafetensorError
+    path = ckpt / fname
+    try:
+        return st_load(path.read_bytes())
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
 
 def check_names(manifest: dict, model, ckpt: Path) -> None:
@@ -242,7 +261,8 @@ def restore(ckpt: Path, model, optimizer, base_fp: dict) -> dict:
     check_names(manifest, model, ckpt)
     tensors, moments = read_tensors(ckpt, "adapter.safetensors"), read_tensors(ckpt, "optimizer.safetensors")
     state = json.loads((ckpt / "state.json").read_text())
-    zero.ensure_adam_state(optimizer, state["optimizer_step"])
+    zero.ensure_adam_state(optimizer, state["optimizer_step"])  # Adam's own count: skipped steps excluded
+    zero.set_loss_scale_state(optimizer, state.get("loss_scale", {}))  # fp16: where the scale search stood
     for name, p in model.named_parameters():
         if p.requires_grad:
             zero.set_master(p, tensors[name])

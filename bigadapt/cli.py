@@ -19,6 +19,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default="none", help="none | auto (newest complete checkpoint) | a checkpoint dir")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run_dir that already holds a run (its checkpoints and metrics go)")
+    p.add_argument("--allow-config-change", metavar="KEY,...",
+                   help="resume although these keys (dotted, or whole sections) differ from the checkpoint's "
+                        "config, e.g. train.lr,train.schedule; keys that change nothing computed (run_dir, "
+                        "*_every, keep_last, track, max_steps, epochs, time_budget_s, micro_batch, zero) need none")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
@@ -78,6 +82,9 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("runs", nargs="+", metavar="RUN", help="run directories (e.g. runs/*)")
     from .estimate_cli import add_args as _estimate_args
     _estimate_args(sub.add_parser("estimate", help="per-rank memory and storage before a run (meta device)"))
+    from .launcher import add_args as _launch_args
+    _launch_args(sub.add_parser("launch", help="run a launcher (deepspeed, torchrun) so that SIGTERM/SIGUSR1 to "
+                                               "this command checkpoint every rank and exit 3 (docs/slurm.md)"))
     _submit_args(sub.add_parser("submit", help="submit a run to SLURM (job array for --sweep)"))
     st = sub.add_parser("status", help="job state and progress of a run directory")
     st.add_argument("run", help="run directory")
@@ -129,14 +136,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args) -> int:
     if args.command == "train":
-        from pathlib import Path
-
-        from .checkpoint import check_fresh_start
+        from . import launcher
         from .config import load_config
+        from .rundir import parse_allowed
         from .train import run
         cfg = load_config(args.config, args.overrides)
-        check_fresh_start(Path(cfg.run_dir), args.resume, args.overwrite)
-        return run(cfg, args.resume, overwrite=args.overwrite)
+        code = run(cfg, args.resume, overwrite=args.overwrite, allow_change=parse_allowed(args.allow_config_change))
+        launcher.record_exit(code)  # for `bigadapt launch`, which torchrun would otherwise tell 1
+        return code
+    if args.command == "launch":
+        from .launcher import run as launch
+        return launch(args.launcher)
     if args.command == "estimate":
         from .estimate_cli import main as estimate
         return estimate(args)

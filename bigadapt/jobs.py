@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from . import slurm
+from . import records, slurm
 from .checkpoint import complete
 from .config import dump_config, load_config
 from .errors import ConfigError, SlurmError
@@ -130,13 +130,14 @@ def _job_state(job_id: str) -> str:
     return ", ".join(f"{s.job_id} {s.state} restarts={s.restarts}" for s in states)
 
 
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def _progress_line(run_dir: Path) -> str:
     last_step, last_eval = {}, {}
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            rec = json.loads(line)
-            (last_eval if rec.get("split") == "eval" else last_step).update(rec)
+    for rec in records.read(run_dir / "metrics.jsonl", warn=_warn):  # a torn last line: dropped, said on stderr
+        (last_eval if rec.get("split") == "eval" else last_step).update(rec)
     events = slurm.read_events(run_dir)
     ckpts = complete(run_dir / "checkpoints")
     parts = [f"{run_dir.name}:"]

@@ -111,8 +111,12 @@ def _conv1d():
 
 
 def head_prefixes(model: nn.Module) -> list[str]:
-    """Qualified names of the task head modules (seq_cls), e.g. ['score'] or ['classifier']."""
-    return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    """Qualified names of the task head modules: a seq_cls head (`score`, `classifier`) and every module whose
+    weights the base checkpoint lacked (`model.bigadapt_new_modules`, e.g. DeBERTa's `pooler`, or `bert.pooler`
+    when BERT was saved from its masked-LM class): weights no base file holds, so the adapter must."""
+    heads = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    new = getattr(model, "bigadapt_new_modules", [])
+    return heads + [n for n in new if not any(n == h or n.startswith(h + ".") for h in heads)]
 
 
 # The ModuleList of transformer blocks, by the end of its qualified name: GPT-2 `transformer.h`, BERT/RoBERTa

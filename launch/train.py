@@ -1,4 +1,5 @@
-"""Entry for launchers: `deepspeed [--num_gpus N] launch/train.py [--config X] [--set k=v] [--resume auto]`.
+"""Entry for launchers: `deepspeed [--num_gpus N] launch/train.py [--config X] [--set k=v] [--resume auto]`;
+under `bigadapt launch deepspeed ...` a SIGTERM/SIGUSR1 to the command checkpoints every rank (docs/slurm.md).
 
 Also works under torchrun and srun (it reads RANK/WORLD_SIZE/LOCAL_RANK) and as plain `python`.
 """

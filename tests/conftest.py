@@ -1,7 +1,6 @@
 """Shared helpers: tiny configs as real YAML files, and real launches (plain python or the deepspeed launcher)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -99,7 +98,12 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    """The run's records, read as bigadapt reads them (a torn last line dropped, with a warning)."""
+    from bigadapt import records
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    return records.read(path, warn=print)
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

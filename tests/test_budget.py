@@ -13,10 +13,10 @@ import pytest
 
 from bigadapt import checkpoint
 from bigadapt.bench import study
-from bigadapt.bench.study_plot import plot
+from bigadapt.bench.study_plot import figure, plot
 from bigadapt.config import config_from_dict, load_config
 from bigadapt.errors import ConfigError
-from bigadapt.train import lr_at
+from bigadapt.loop import lr_at
 
 from .conftest import REPO, check, env, metrics, run_cli, tiny_config, write_config
 
@@ -64,9 +64,9 @@ def _first_past(clock: dict[int, float], t: float) -> int:
 # reads 0.75, 1.5, 2.25, 3.0, ...): where the budget and the marks fall depends on no machine's speed or load
 FAKE_CLOCK_TRAIN = """
 import itertools, sys
-from bigadapt import train
+from bigadapt import loop
 ticks = itertools.count()
-train.Loop.clock = staticmethod(lambda: next(ticks) * 0.75)  # Loop.step reads it twice per step
+loop.Loop.clock = staticmethod(lambda: next(ticks) * 0.75)  # Loop.step reads it twice per step
 from bigadapt.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -133,10 +133,11 @@ def test_study_table_and_plot_from_runs():
     assert "| mrpc (accuracy/f1) | lora | 1,234 | 60.0/70.0 | 70.0/80.0 | 80.0/90.0 | 50.0/60.0 |" in text
     assert text.splitlines()[2].endswith("| 50 | 2.41 | – |")  # steps, s/step, load (no cell record)
     assert "| stsb (pearson/spearman) | bitfit | 1,234 | 10.0/10.0 | 50.0/50.0 | 80.0/80.0 | – | – | – |" in text
-    svg = ET.fromstring(plot(rows, study.MAIN_METRIC))
-    lines = svg.findall("{http://www.w3.org/2000/svg}polyline")
-    assert len(lines) == 3 and all(len(p.get("points").split()) == 3 for p in lines)
-    assert {p.get("stroke-dasharray") for p in lines} == {"", "6,4"}  # 100% solid, 30% dashed
+    assert ET.fromstring(plot(rows, study.MAIN_METRIC)).tag == "{http://www.w3.org/2000/svg}svg"
+    fig = figure(rows, study.MAIN_METRIC)
+    lines = [line for ax in fig.axes for line in ax.get_lines()]
+    assert len(lines) == 3 and all(len(line.get_xdata()) == 3 for line in lines)
+    assert {line.get_linestyle() for line in lines} == {"-", "--"}  # 100% solid, 30% dashed
 
 
 def test_study_eval_at_takes_the_first_eval_past_the_mark():

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from bigadapt import checkpoint, methods, targets
 from bigadapt.config import config_from_dict
 from bigadapt.errors import CheckpointError
+from bigadapt.fingerprint import fingerprint
 from bigadapt.model import build_base
 
 from .conftest import REPO, check, env, metrics, run_cli, tiny_config, write_config
@@ -65,7 +66,7 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint(trained_run, tmp_path):
 def _model(cfg_dict, seed):
     cfg = config_from_dict(cfg_dict)
     model = build_base(cfg.model, seed)
-    fp = checkpoint.fingerprint(model, exclude=targets.head_prefixes(model))
+    fp = fingerprint(model, exclude=targets.head_prefixes(model))
     methods.apply(model, cfg)
     return model, fp, cfg
 

@@ -8,7 +8,7 @@ import pytest
 from bigadapt import display
 from bigadapt.config import config_from_dict, load_config
 from bigadapt.errors import ConfigError
-from bigadapt.train import lr_at, warmup_steps
+from bigadapt.loop import lr_at, warmup_steps
 
 from .conftest import tiny_config
 

@@ -38,10 +38,13 @@ def extra_inputs(cfg, examples: list[dict]) -> dict:
 
 
 def apply(model: nn.Module, cfg) -> list[str]:
-    """Freeze the base, inject the method, unfreeze a fresh task head; returns the trainable parameter names."""
+    """Freeze the base, inject the method, unfreeze a fresh task head; returns the trainable parameter names.
+
+    The head is the seq_cls classifier and whatever the base checkpoint lacked (`targets.head_prefixes`), for any
+    objective: a weight no base file holds is only reproducible if the adapter carries it."""
     model.requires_grad_(False)
     get(cfg.method.name).inject(model, cfg.method)
-    if cfg.model.objective == "seq_cls" and cfg.method.train_head:
+    if cfg.method.train_head:
         for prefix in tg.head_prefixes(model):
             model.get_submodule(prefix).requires_grad_(True)
     return [n for n, p in model.named_parameters() if p.requires_grad]

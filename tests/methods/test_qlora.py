@@ -11,6 +11,7 @@ from bigadapt import model as base_model
 from bigadapt.config import config_from_dict
 from bigadapt.errors import BigadaptError, ConfigError
 from bigadapt.export import load_trained
+from bigadapt.fingerprint import fingerprint
 from bigadapt.methods.qlora import QLoRA
 from tests.conftest import TINY_GPT2, TINY_LLAMA, check, run_cli, tiny_config, train_losses, write_config
 
@@ -108,7 +109,7 @@ def test_training_run_learns_saves_only_lora_and_reloads(tmp_path):
 
 
 def test_fingerprint_of_a_quantized_base_is_stable_and_tells_bases_apart(saved):
-    fps = [checkpoint.fingerprint(build(saved[a])[1], exclude=["score"]) for a in ("gpt2", "gpt2", "llama")]
+    fps = [fingerprint(build(saved[a])[1], exclude=["score"]) for a in ("gpt2", "gpt2", "llama")]
     assert fps[0] == fps[1] and fps[0]["weights_sha256"] != fps[2]["weights_sha256"]
 
 
