@@ -14,6 +14,10 @@ ZeRO-3, W ranks, part(n) = ceil(n / W), F frozen and T trainable tensors:
                       (largest sub-group's partitions * 4), alive only inside the optimizer step
   optimizer_states    AdamW: 2 * sum_T part(n) * 4
   reduce_bucket       reduce_bucket_size * working bytes (bigadapt caps it at the trainable count)
+Offload (zero.offload_*; the rows above stay the bytes wherever they live): optimizer offload keeps masters,
+moments and gradient partitions in host RAM, plus every sub-group's fp32 gradient (no transient step buffer);
+param offload the partitions. offload_host_ram / offload_nvme / offload_swap_buffers say where; `total` is what
+the accelerator holds. DeepSpeed settings are read from the merged config (the user's JSON included).
 Stage 0: everything whole; moments for trainable tensors only; their gradients exist only between
 backward and step (transient) unless mixed precision keeps fp32 accumulation buffers.
 Activations are an analytic upper bound (Korthikanti et al. 2022) and framework overhead an explicit constant.
@@ -46,6 +50,7 @@ class Layout:
     seq_len: int = 2048
     activation_checkpointing: bool = False
     device: str = "gpu"
+    checkpoint_every: int = 1  # with activation_checkpointing: every k-th block (train.checkpoint_every)
 
 
 def reduce_bucket_elements(trainable: int) -> int:
@@ -74,9 +79,18 @@ def shapes(cfg) -> tuple[Shape, Shape]:
     return Shape(ts, model.config, largest, sum(n for _, n, _, _ in ts)), full
 
 
-def model_states(ts: list[tuple[str, int, bool, int]], cfg, lay: Layout) -> tuple[dict, int]:
-    """Per-rank bytes of parameters, gradients and optimizer state at rest (see the module docstring),
-    and the transient bytes of the optimizer step."""
+def zero_settings(cfg, lay: Layout, shape: Shape | None = None) -> dict:
+    """The merged `zero_optimization` section the run gives DeepSpeed (the user's JSON included): what the
+    accounting reads for thresholds, bucket sizes and offload."""
+    from .engine import zero_section
+    return zero_section(cfg, lay.stage, shape)
+
+
+def model_states(ts: list[tuple[str, int, bool, int]], cfg, lay: Layout, z: dict | None = None) -> tuple[dict, int]:
+    """Per-rank bytes of parameters, gradients and optimizer state at rest, wherever they live (see the module
+    docstring; `offload` says how much of it is in host RAM or on NVMe), and the transient bytes of the
+    optimizer step. `z`: the merged zero_optimization section (zero_settings)."""
+    z = zero_settings(cfg, lay) if z is None else z
     base_b = BYTES[cfg.model.dtype]
     work_b = base_b  # DeepSpeed mixed precision casts trainable tensors to the base dtype; fp32 stays fp32
     frozen = [n for _, n, t, _ in ts if not t]
@@ -94,16 +108,59 @@ def model_states(ts: list[tuple[str, int, bool, int]], cfg, lay: Layout) -> tupl
             "gradients": sum(train) * 4 if mixed else 0,
             "optimizer_states": 2 * 4 * sum(train), "reduce_bucket": 0}), 0 if mixed else sum(train) * work_b
     part = [math.ceil(n / lay.world) for n in train]
-    thr = cfg.zero.param_persistence_threshold
+    thr = _number(z.get("stage3_param_persistence_threshold"), 0)
+    bucket = _number(z.get("reduce_bucket_size"), reduce_bucket_elements(sum(train)))
+    step = _largest_sub_group(ts, lay.world, _number(z.get("sub_group_size"), DS_SUB_GROUP)) * 4
+    # optimizer offload keeps each sub-group's fp32 gradient buffer in host RAM between steps (DeepSpeed
+    # stage3.py: grads of the offloaded fp32 partitions are not freed): the optimizer step's transient stays
+    offload_opt = _device(z, "offload_optimizer") != "none"
     return _total({
         "base_partition": base_bytes,
         "persistent_copies": sum(n * (work_b if t else base_b) for _, n, t, _ in ts if n <= thr),
         "trainable_working": sum(part) * work_b,
         "fp32_masters": sum(part) * 4,
-        "gradients": sum(part) * work_b,
+        "gradients": sum(part) * work_b + (sum(part) * 4 if offload_opt else 0),
         "optimizer_states": 2 * 4 * sum(part),
-        "reduce_bucket": reduce_bucket_elements(sum(train)) * work_b,
-    }), _largest_sub_group(ts, lay.world) * 4
+        "reduce_bucket": bucket * work_b,
+    }), 0 if offload_opt else step
+
+
+def _number(value, default):
+    """A size from the merged DeepSpeed section ("auto" or absent: bigadapt's own)."""
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _device(z: dict, key: str) -> str:
+    section = z.get(key)
+    return section.get("device", "none") if isinstance(section, dict) else "none"
+
+
+def offload(d: dict, z: dict, cfg) -> dict:
+    """Where offloaded model states go, per rank: `offload_host_ram` and `offload_nvme` (disk) are bytes of the
+    rows above that leave the accelerator; `offload_swap_buffers`, the pinned host buffers NVMe swapping adds.
+    Optimizer offload moves the fp32 masters, Adam moments and gradient partitions (with nvme the gradients
+    stay in host RAM); parameter offload the partitions of every parameter (base and trainable working copies).
+    Persistent copies, gather buffers, the reduce bucket and activations stay on the accelerator."""
+    host = nvme = buffers = 0
+    opt_dev, par_dev = _device(z, "offload_optimizer"), _device(z, "offload_param")
+    if opt_dev == "cpu":
+        host += d["fp32_masters"] + d["optimizer_states"] + d["gradients"]
+    elif opt_dev == "nvme":  # masters and moments swap per sub-group through buffer_count pinned buffers
+        nvme += d["fp32_masters"] + d["optimizer_states"]
+        host += d["gradients"]
+        buffers += _buffers(z["offload_optimizer"], 4, 4 * _number(z.get("sub_group_size"), DS_SUB_GROUP))
+    if par_dev == "cpu":
+        host += d["base_partition"] + d["trainable_working"]
+    elif par_dev == "nvme":
+        nvme += d["base_partition"] + d["trainable_working"]
+        buffers += _buffers(z["offload_param"], 5, _number(z["offload_param"].get("buffer_size"), 100_000_000)
+                            * BYTES[cfg.model.dtype])
+    return {"offload_host_ram": host, "offload_nvme": nvme, "offload_swap_buffers": buffers}
+
+
+def _buffers(section: dict, count: int, size: int) -> int:
+    """DeepSpeed's pinned NVMe swap buffers: buffer_count x a buffer (its defaults unless the JSON sets them)."""
+    return _number(section.get("buffer_count"), count) * size
 
 
 def quantized_bytes(numel: int, quantization: str, rows: int) -> tuple[int, int]:
@@ -150,7 +207,7 @@ def _quantized_rows(model_json: str) -> dict[str, int]:
     return out
 
 
-def _largest_sub_group(ts, world: int) -> int:
+def _largest_sub_group(ts, world: int, sub_group: int = DS_SUB_GROUP) -> int:
     """Elements of DeepSpeed's fp32 grad buffer: the largest optimizer sub-group's partitions.
 
     Sub-groups split each AdamW group (engine.param_groups: matrices decay, biases and norms do not) once
@@ -162,7 +219,7 @@ def _largest_sub_group(ts, world: int) -> int:
         for name, n, t, ndim in ts:
             if t and (ndim >= 2 and not name.endswith(".bias")) == decay:
                 part += math.ceil(n / world)
-                if part >= DS_SUB_GROUP:
+                if part >= sub_group:
                     largest, part = max(largest, part), 0
         largest = max(largest, part)
     return largest
@@ -183,15 +240,25 @@ def activations(shape: Shape, cfg, lay: Layout) -> dict:
     act_b = BYTES[cfg.model.dtype]
     # Korthikanti et al. 2022, eq. 1: per layer s*b*h*(34 + 5*a*s/h) bytes with 2-byte activations;
     # 19 of the 34 are a 4h MLP, rescaled here to the real FFN width. The 5*a*s/h term is the stored
-    # softmax of eager attention; SDPA/flash kernels (transformers' default) recompute it instead.
-    fused = getattr(c, "_attn_implementation", "eager") in ("sdpa", "flash_attention_2", "flash_attention_3")
+    # softmax (and its dropout) of eager attention; SDPA/flash kernels keep a per-row statistic instead.
+    fused = attention(shape, cfg) != "eager"
     per_layer = s * b * h * (15 + 19 * ffn / (4 * h) + (0 if fused else 5 * a * s / h)) * act_b / 2
-    if lay.activation_checkpointing:  # keep each layer's input, recompute one layer at a time
-        layers = L * s * b * h * act_b + per_layer
-    else:
-        layers = L * per_layer
+    layers = L * per_layer
+    if lay.activation_checkpointing:
+        # a checkpointed block (0, k, 2k, ...) keeps only its input, the others everything. The peak is the end
+        # of the forward, or the recompute of the last checkpointed block: the blocks above it are freed by then,
+        # the uncheckpointed ones below it are still held, plus the one block being recomputed
+        kept = len(range(0, L, lay.checkpoint_every))
+        below = (kept - 1) * (lay.checkpoint_every - 1)
+        layers = kept * s * b * h * act_b + max(L - kept, below + 1) * per_layer
     logits = s * b * V * (act_b + 8)  # the logits, their fp32 upcast in the loss, and its gradient
     return {"activations": int(layers), "logits": int(logits)}
+
+
+def attention(shape: Shape, cfg) -> str:
+    """The attention implementation the run gets: model.attn_implementation, else what transformers chose for
+    this model on the meta build (sdpa wherever torch has it)."""
+    return cfg.model.attn_implementation or getattr(shape.config, "_attn_implementation", None) or "eager"
 
 
 def _context(c) -> int:
@@ -238,12 +305,19 @@ def gather_buffers(shape: Shape, cfg, lay: Layout) -> int:
 
 
 def per_rank(shape: Shape, cfg, lay: Layout) -> dict:
-    d, step = model_states(shape.tensors, cfg, lay)
+    """Per-rank bytes by component; `total` is what the accelerator holds (on CPU the host is the accelerator,
+    so only what goes to NVMe leaves it)."""
+    z = zero_settings(cfg, lay, shape)
+    d, step = model_states(shape.tensors, cfg, lay, z)
     d["optimizer_step"] = step
     d["zero3_gather_buffers"] = gather_buffers(shape, cfg, lay)
     d.update(activations(shape, cfg, lay))
     d["framework_overhead"] = FRAMEWORK_OVERHEAD[lay.device]
-    d["total"] = sum(v for k, v in d.items() if k != "model_states")
+    whole = sum(v for k, v in d.items() if k != "model_states")
+    d.update(offload(d, z, cfg))
+    # on CPU the host is the accelerator: only what goes to NVMe leaves it, and the swap buffers are extra
+    away = d["offload_nvme"] + (d["offload_host_ram"] if lay.device != "cpu" else -d["offload_swap_buffers"])
+    d["total"] = whole - away
     return d
 
 
@@ -260,8 +334,7 @@ def storage(ts, cfg, n_tasks: int = 100) -> dict:
 def fewest_ranks(shape: Shape, cfg, lay: Layout, budget: int, limit: int = 1 << 20) -> int | None:
     """Smallest world size whose per-rank total fits the budget (ZeRO-3 only shrinks with more ranks)."""
     def fits(w):
-        return per_rank(shape, cfg, Layout(w, lay.stage, lay.micro_batch, lay.seq_len,
-                                               lay.activation_checkpointing, lay.device))["total"] <= budget
+        return per_rank(shape, cfg, dataclasses.replace(lay, world=w))["total"] <= budget
     if not fits(limit):
         return None
     lo, hi = 0, 1
@@ -276,8 +349,7 @@ def fewest_ranks(shape: Shape, cfg, lay: Layout, budget: int, limit: int = 1 << 
 def largest_micro_batch(shape: Shape, cfg, lay: Layout, budget: int, limit: int = 4096) -> int:
     """Largest micro-batch that fits on this layout (0 if not even one sequence fits)."""
     def fits(b):
-        return per_rank(shape, cfg, Layout(lay.world, lay.stage, b, lay.seq_len,
-                                               lay.activation_checkpointing, lay.device))["total"] <= budget
+        return per_rank(shape, cfg, dataclasses.replace(lay, micro_batch=b))["total"] <= budget
     best = 0
     b = 1
     while b <= limit and fits(b):
@@ -291,7 +363,10 @@ def largest_micro_batch(shape: Shape, cfg, lay: Layout, budget: int, limit: int 
 
 def estimate(cfg, lay: Layout, gpu_memory: int | None = None, fit: bool = False) -> dict:
     """Everything `bigadapt estimate` prints, for the run's method and for full fine-tuning beside it."""
-    out = {"layout": vars(lay).copy(), "persistence_threshold": cfg.zero.param_persistence_threshold}
+    z = zero_settings(cfg, lay)
+    out = {"layout": vars(lay).copy(), "attn_implementation": None,
+           "persistence_threshold": z.get("stage3_param_persistence_threshold"),
+           "offload": {k: _device(z, f"offload_{k}") for k in ("optimizer", "param")}}
     for key, shape in zip(("method", "full_finetune"), shapes(cfg)):
         train = sum(n for _, n, t, _ in shape.tensors if t)
         entry = {"name": "full" if key == "full_finetune" else cfg.method.name, "params_total": shape.total,
@@ -299,6 +374,7 @@ def estimate(cfg, lay: Layout, gpu_memory: int | None = None, fit: bool = False)
                  "per_rank": per_rank(shape, cfg, lay)}
         if key == "method":
             entry["storage"] = storage(shape.tensors, cfg)
+            out["attn_implementation"] = attention(shape, cfg)
         if gpu_memory:
             entry["fewest_ranks"] = fewest_ranks(shape, cfg, lay, gpu_memory)
             if fit:

@@ -33,6 +33,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     quantization: str = "none"  # none | nf4 | fp4 | int8: a bitsandbytes-quantized frozen base (method qlora)
     tokenizer: str | None = None  # a tokenizer directory or hub id; None = name_or_path's (config-built: bytes)
+    # eager | sdpa | flash_attention_2, passed to transformers; None = transformers' choice (sdpa where torch has
+    # it). Eager keeps every layer's b x heads x s x s attention probabilities for backward; the others do not.
+    attn_implementation: str | None = None
 
 
 @dataclass
@@ -97,6 +100,11 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps; 0 -> only at the end
     save_every: int = 0  # optimizer steps; 0 -> only at the end
     keep_last: int = 2  # checkpoints kept; older ones are deleted after a newer one is complete
+    # divergence guard (docs/checkpoints.md): a non-finite loss or gradient norm always stops the run (exit 4) and
+    # nothing is saved from it; also stop on a loss above max_loss_spike x its running mean (0 = off), and after
+    # max_skipped_steps steps in a row that DeepSpeed skipped on overflow (fp16; 0 = never)
+    max_loss_spike: float = 0.0
+    max_skipped_steps: int = 20
     log_every: int = 10
     seed: int = 0
     # stop (eval, save) once this much training time is spent; 0 = none. The clock counts training steps only
@@ -107,12 +115,20 @@ class TrainConfig:
     # default: no account, no network) and wandb (opt-in: an account and an upload, pip install 'bigadapt[wandb]')
     track: list[str] = field(default_factory=lambda: ["tensorboard"])
     wandb_project: str = "bigadapt"
+    # Activation checkpointing (bigadapt/recompute.py): keep only each checkpointed block's input and recompute
+    # the block in backward; every checkpoint_every-th block (1 = all). Reentrant or torch's non-reentrant form.
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 1
+    # null = automatic: non-reentrant, unless ZeRO-3 on a DeepSpeed that crashes recomputing frozen parameters
+    checkpoint_reentrant: bool | None = None
 
 
 @dataclass
 class ZeroConfig:
     stage: int | None = None  # None -> 3 with two or more ranks, else 0
-    param_persistence_threshold: int = 100_000  # params smaller than this stay whole on every rank (fewer gathers)
+    # params smaller than this stay whole on every rank (fewer gathers); None = the DeepSpeed JSON's
+    # stage3_param_persistence_threshold if it sets one, else DeepSpeed's 100_000
+    param_persistence_threshold: int | None = None
     # How much of the frozen base a rank may hold gathered at once (elements). None = sized from the model
     # (accounting.gather_windows): prefetch one block ahead, at most two blocks live, keep a block only for
     # its immediate reuse, never more than DeepSpeed's defaults (5e7 / 1e9 / 1e9), which alone keep every
@@ -120,6 +136,13 @@ class ZeroConfig:
     prefetch_bucket_size: int | None = None
     max_live_parameters: int | None = None
     max_reuse_distance: int | None = None
+    # Offload (none | cpu | nvme): optimizer -> fp32 masters, fp32 gradients and Adam moments live in host RAM
+    # (or NVMe); param -> the frozen base's partitions do (ZeRO-3 only), gathered to the GPU block by block.
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    nvme_path: str | None = None  # a directory on a local NVMe drive, for either offload set to nvme
+    # your own DeepSpeed JSON, merged under the keys bigadapt owns (docs/accounting.md, "Your DeepSpeed JSON")
+    deepspeed_config: str | None = None
 
 
 @dataclass
@@ -304,19 +327,62 @@ def validate(cfg: RunConfig) -> None:
     _check(t.clip >= 0, "train.clip", t.clip, "must be >= 0 (0 disables clipping)")
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "a probability in [0, 1), e.g. 0.1")
     _check(t.keep_last >= 1, "train.keep_last", t.keep_last, "keep at least 1 checkpoint")
+    _check(t.max_loss_spike == 0 or t.max_loss_spike > 1, "train.max_loss_spike", t.max_loss_spike,
+           "0 (off) or a factor > 1 over the running loss, e.g. 5")
+    _check(t.max_skipped_steps >= 0, "train.max_skipped_steps", t.max_skipped_steps, "must be >= 0 (0 = never stop)")
     for key in ("eval_every", "save_every", "log_every"):
         _check(getattr(t, key) >= 0, f"train.{key}", getattr(t, key), "must be >= 0")
     _check(t.time_budget_s >= 0, "train.time_budget_s", t.time_budget_s, "must be >= 0 (0 = no budget)")
     _check(t.schedule in SCHEDULES, "train.schedule", t.schedule, f"use one of {', '.join(SCHEDULES)}")
     tracking.check(t.track)
+    _check_recompute(cfg)
     _check(all(x > 0 for x in t.eval_at_s) and list(t.eval_at_s) == sorted(t.eval_at_s), "train.eval_at_s",
            t.eval_at_s, "give increasing training-clock seconds > 0, e.g. [30, 60, 120]")
     _check(z.stage is None or z.stage in (0, 1, 2, 3), "zero.stage", z.stage, "ZeRO stage must be 0, 1, 2 or 3")
-    _check(z.param_persistence_threshold >= 0, "zero.param_persistence_threshold",
-           z.param_persistence_threshold, "must be >= 0 (0 = partition every parameter)")
-    for key in ("prefetch_bucket_size", "max_live_parameters", "max_reuse_distance"):
+    for key in ("param_persistence_threshold", "prefetch_bucket_size", "max_live_parameters", "max_reuse_distance"):
         _check(getattr(z, key) is None or getattr(z, key) >= 0, f"zero.{key}", getattr(z, key),
-               "must be >= 0 elements, or null to size it from the model")
+               "must be >= 0 elements, or null for the default")
+    _check_offload(cfg)
+
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+
+def _check_recompute(cfg: RunConfig) -> None:
+    """The activation-memory levers. Whether this machine can run flash_attention_2 is recompute.check_runnable's
+    (an estimate for a GPU cluster may be made on a laptop)."""
+    m, t = cfg.model, cfg.train
+    _check(m.attn_implementation is None or m.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
+           m.attn_implementation, f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}, or null for transformers' choice")
+    _check(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every,
+           "checkpoint every k-th transformer block: k >= 1 (1 = every block)")
+    for key, default in (("checkpoint_every", 1), ("checkpoint_reentrant", None)):
+        _check(t.activation_checkpointing or getattr(t, key) == default, f"train.{key}", getattr(t, key),
+               "only used with train.activation_checkpointing=true; set that too, or remove this key")
+
+
+OFFLOAD = ("none", "cpu", "nvme")
+
+
+def _check_offload(cfg: RunConfig) -> None:
+    """Offload combinations DeepSpeed refuses, and the user's DeepSpeed JSON, before any process group. What
+    needs the world size (stage None) or the machine (libaio) is engine.check_runnable's."""
+    from .engine import check_user_config
+    z = cfg.zero
+    for key in ("offload_optimizer", "offload_param"):
+        _check(getattr(z, key) in OFFLOAD, f"zero.{key}", getattr(z, key), f"use one of {', '.join(OFFLOAD)}")
+    _check(z.offload_param == "none" or z.stage in (None, 3), "zero.offload_param", z.offload_param,
+           f"parameter offload needs ZeRO stage 3 (zero.stage={z.stage}); set zero.stage=3 or offload_param=none")
+    _check(z.offload_optimizer == "none" or z.stage != 0, "zero.offload_optimizer", z.offload_optimizer,
+           "optimizer offload needs ZeRO stage 1, 2 or 3 (zero.stage=0); set zero.stage")
+    _check(z.offload_optimizer != "nvme" or z.stage in (None, 3), "zero.offload_optimizer", z.offload_optimizer,
+           f"NVMe offload needs ZeRO stage 3 (zero.stage={z.stage}); set zero.stage=3 or offload_optimizer=cpu")
+    nvme = "nvme" in (z.offload_optimizer, z.offload_param)
+    _check(not nvme or bool(z.nvme_path), "zero.nvme_path", z.nvme_path,
+           "nvme offload writes swap files there: set zero.nvme_path to a directory on a local NVMe drive")
+    _check(nvme or z.nvme_path is None, "zero.nvme_path", z.nvme_path,
+           "only used with zero.offload_optimizer or zero.offload_param = nvme; remove it")
+    check_user_config(cfg)  # a missing or malformed file, or a conflicting key, refused before anything starts
 
 
 USER_TASKS = ("sft", "text", "cls")

@@ -6,12 +6,15 @@ master, no gradient buffer and no optimizer state, and nothing needs a JIT-compi
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import socket
+from pathlib import Path
 
 import torch
 
 from . import zero
+from .errors import ConfigError
 
 PRECISION = {"bf16": "bf16", "fp16": "fp16"}  # fp32 -> no mixed-precision section
 
@@ -23,10 +26,38 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
     _set_threads()
+    return_freed_memory()
     _skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend=_backend(), auto_mpi_discovery=False, verbose=False)
     atexit.unregister(_leave_group)  # several runs may share one process: leave it once, at exit
     atexit.register(_leave_group)
+
+
+MALLOC_THRESHOLD = 128 * 1024  # bytes: blocks above it are mmap'd and unmapped on free; free tops above it trimmed
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameter numbers (malloc.h)
+
+
+def return_freed_memory() -> dict:
+    """On CPU, make glibc give freed memory back to the system. ZeRO-3 gathers each block's weights into fresh
+    buffers and frees them after use; glibc keeps freed blocks for reuse (its mmap threshold grows with every
+    large free), so a rank's RSS crept from 1.65 to 4.87 GiB over a few steps at 1.14B parameters while the
+    accounting predicted ~2 GiB. With both thresholds at 128 KiB it stayed near 2.0 GiB. Left alone when the
+    user set MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ (glibc read those at start), on GPU (gather buffers
+    live in the CUDA caching allocator) and off glibc. Returns what was set, for tests and the run log."""
+    import ctypes
+    import ctypes.util
+    if torch.cuda.is_available():
+        return {}
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return {}  # not glibc (musl, macOS): nothing to set
+    done = {}
+    for env, param in (("MALLOC_MMAP_THRESHOLD_", _M_MMAP_THRESHOLD), ("MALLOC_TRIM_THRESHOLD_", _M_TRIM_THRESHOLD)):
+        if env not in os.environ and mallopt(param, MALLOC_THRESHOLD) == 1:
+            done[env] = MALLOC_THRESHOLD
+    return done
 
 
 def _skip_shm_comm_build() -> None:
@@ -83,39 +114,181 @@ def zero_stage(cfg, world_size: int) -> int:
 
 
 def ds_config(cfg, world_size: int, accumulation: int, shape=None) -> dict:
-    """The DeepSpeed config; `shape` (accounting.Shape, required for ZeRO-3) sizes the gradient-reduction
-    bucket and the gather windows."""
-    from .accounting import gather_windows, reduce_bucket_elements
+    """The DeepSpeed config: bigadapt's keys with the user's `zero.deepspeed_config` merged under them
+    (merge_user). `shape` (accounting.Shape, required for ZeRO-3) sizes the reduction bucket and gather windows."""
     stage = zero_stage(cfg, world_size)
-    conf = {
+    check_runnable(cfg, stage)
+    if stage == 3 and shape is None:
+        raise ValueError("ds_config: ZeRO-3 needs the model's shape to size its gather windows")
+    user = user_config(cfg)
+    conf = merge_user(_top(cfg, accumulation), SOFT, {k: v for k, v in user.items() if k != "zero_optimization"},
+                      where=_json_key(cfg))
+    conf["zero_optimization"] = zero_section(cfg, stage, shape, user)
+    return conf
+
+
+def _top(cfg, accumulation: int | None) -> dict:
+    ours = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": cfg.train.batch_size,
         "gradient_clipping": cfg.train.clip,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,  # torch AdamW: no JIT-built op needed
-        "zero_optimization": {"stage": stage},
+        "zero_force_ds_cpu_optimizer": False,  # with offload, torch AdamW steps the host partitions (no cpu_adam)
+        **{name: {"enabled": cfg.model.dtype == name} for name in PRECISION.values()},
     }
+    return {k: v for k, v in ours.items() if v is not None}
+
+
+SOFT = {"steps_per_print": 10**9, "wall_clock_breakdown": False}  # defaults the user's JSON may change
+WINDOWS = ("stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance")
+
+
+def check_user_config(cfg) -> None:
+    """For validate(): the user's JSON read, and every conflict found that needs neither the world size (the
+    accumulation steps, a stage left to it) nor the model (the gather windows); the rest is refused when the
+    accounting or ds_config merges it, still before the process group."""
+    user = user_config(cfg)
+    if not user:
+        return
+    top = {k: v for k, v in user.items() if k not in ("zero_optimization", "gradient_accumulation_steps")}
+    merge_user(_top(cfg, None), SOFT, top, where=_json_key(cfg))
+    if cfg.zero.stage is not None:
+        section = {k: v for k, v in user.get("zero_optimization", {}).items() if k not in WINDOWS}
+        zero_section(cfg, cfg.zero.stage, None, {"zero_optimization": section})
+
+
+def zero_section(cfg, stage: int, shape=None, user: dict | None = None) -> dict:
+    """The `zero_optimization` section DeepSpeed gets, the user's keys merged in: what the accounting reads."""
+    from .accounting import gather_windows, reduce_bucket_elements
+    ours, soft = {"stage": stage}, {}
     if shape is not None and stage > 0:
         # DeepSpeed allocates reduce_bucket_size (5e8 elements: 2 GB in fp32) up front on every rank;
         # an adapter never fills more than its own size
-        conf["zero_optimization"]["reduce_bucket_size"] = reduce_bucket_elements(
-            sum(n for _, n, t, _ in shape.tensors if t))
+        soft["reduce_bucket_size"] = reduce_bucket_elements(sum(n for _, n, t, _ in shape.tensors if t))
     if stage == 3:
-        if shape is None:
-            raise ValueError("ds_config: ZeRO-3 needs the model's shape to size its gather windows")
-        w = gather_windows(shape, cfg.zero)
-        conf["zero_optimization"].update(
-            stage3_param_persistence_threshold=cfg.zero.param_persistence_threshold,
-            stage3_prefetch_bucket_size=w["prefetch_bucket_size"],
-            stage3_max_live_parameters=w["max_live_parameters"],
-            stage3_max_reuse_distance=w["max_reuse_distance"],
-            stage3_gather_16bit_weights_on_model_save=False,  # never gather the base to save
-        )
-    if cfg.model.dtype in PRECISION:
-        conf[PRECISION[cfg.model.dtype]] = {"enabled": True}
-    return conf
+        thr = cfg.zero.param_persistence_threshold  # None: the JSON's value, else DeepSpeed's default
+        (soft if thr is None else ours)["stage3_param_persistence_threshold"] = DS_PERSISTENCE if thr is None else thr
+        ours["stage3_gather_16bit_weights_on_model_save"] = False  # never gather the base to save
+        if shape is not None:
+            ours.update({f"stage3_{k}": v for k, v in gather_windows(shape, cfg.zero).items()})
+    for key in ("offload_optimizer", "offload_param"):
+        device = getattr(cfg.zero, key)
+        if device != "none":
+            ours[key] = {"device": device, **({"nvme_path": cfg.zero.nvme_path} if device == "nvme" else {})}
+            soft[key] = {"pin_memory": torch.cuda.is_available()}  # pinned host memory needs a GPU
+    section = (user_config(cfg) if user is None else user).get("zero_optimization", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{_json_key(cfg)} zero_optimization: expected an object, got {section!r}")
+    return merge_user(ours, soft, section, "zero_optimization.", _json_key(cfg))
+
+
+DS_PERSISTENCE = 100_000  # DeepSpeed's default stage3_param_persistence_threshold
+# Keys bigadapt computes: a user value that differs is refused, naming what to set instead. Everything else in
+# the user's JSON passes through (monitor, comms_logger, ZeRO++ quantization, offload buffer sizes, ...).
+OWNED = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.batch_size (accumulation = batch_size / (micro_batch x ranks))",
+    "train_batch_size": "train.batch_size",
+    "gradient_clipping": "train.clip",
+    "optimizer": "train.lr, train.adam_betas, train.adam_eps, train.weight_decay (bigadapt builds AdamW)",
+    "scheduler": "train.schedule, train.warmup_steps, train.min_lr_ratio (bigadapt sets the lr each step)",
+    "bf16.enabled": "model.dtype",
+    "fp16.enabled": "model.dtype",
+    "zero_allow_untested_optimizer": "nothing (bigadapt passes its own AdamW)",
+    "zero_force_ds_cpu_optimizer": "nothing (bigadapt steps offloaded states with torch AdamW)",
+    "zero_optimization.stage": "zero.stage",
+    "zero_optimization.stage3_param_persistence_threshold": "zero.param_persistence_threshold",
+    "zero_optimization.stage3_prefetch_bucket_size": "zero.prefetch_bucket_size",
+    "zero_optimization.stage3_max_live_parameters": "zero.max_live_parameters",
+    "zero_optimization.stage3_max_reuse_distance": "zero.max_reuse_distance",
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": "nothing (bigadapt saves the adapter itself)",
+    "zero_optimization.offload_optimizer.device": "zero.offload_optimizer",
+    "zero_optimization.offload_optimizer.nvme_path": "zero.nvme_path",
+    "zero_optimization.offload_param.device": "zero.offload_param",
+    "zero_optimization.offload_param.nvme_path": "zero.nvme_path",
+}
+
+
+def merge_user(ours: dict, soft: dict, user: dict, prefix: str = "", where: str = "zero.deepspeed_config") -> dict:
+    """`user` merged under bigadapt's keys. `ours`: computed, an OWNED key must agree; `soft`: defaults the user
+    may change; "auto" takes either; other keys pass through. A conflict is a one-line ConfigError."""
+    out = _deep_merge(soft, ours)
+    for key, value in user.items():
+        path, mine = prefix + key, out.get(key)
+        if value == "auto":
+            if key not in out:
+                raise ConfigError(f"{where} {path}: \"auto\" is filled only for keys bigadapt computes here "
+                                  f"({', '.join(sorted(out)) or 'none'}); give a value or remove it")
+        elif isinstance(value, dict) and (isinstance(mine, dict) or any(k.startswith(path + ".") for k in OWNED)):
+            out[key] = merge_user(ours.get(key) or {}, soft.get(key) or {}, value, path + ".", where)
+        elif path in OWNED and key not in soft and not _same(value, ours.get(key)):
+            raise ConfigError(f"{where} {path}={json.dumps(value)} conflicts with bigadapt's "
+                              f"{json.dumps(ours.get(key))}: set {OWNED[path]} instead and remove it from the JSON")
+        else:
+            out[key] = value
+    return out
+
+
+def _same(user, ours) -> bool:
+    # bigadapt writes no offload section for "none": a user's {"device": "none"} says the same
+    return user == ours or (ours is None and user in ("none", False))
+
+
+def _deep_merge(low: dict, high: dict) -> dict:
+    out = dict(low)
+    for k, v in high.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _json_key(cfg) -> str:
+    return f"zero.deepspeed_config={cfg.zero.deepspeed_config}:"
+
+
+def user_config(cfg) -> dict:
+    """The user's DeepSpeed JSON ({} when none); a missing or malformed file is one ConfigError line."""
+    path = cfg.zero.deepspeed_config
+    if not path:
+        return {}
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"zero.deepspeed_config={path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"zero.deepspeed_config={path}: cannot read it ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"zero.deepspeed_config={path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"zero.deepspeed_config={path}: the top level must be a JSON object of DeepSpeed keys")
+    return raw
+
+
+def check_runnable(cfg, stage: int) -> None:
+    """Offload settings DeepSpeed refuses or this machine cannot run, said in one line before DeepSpeed starts.
+    validate() refuses what the config alone rules out; this needs the stage (from the world size) and the
+    machine (libaio for nvme)."""
+    z = cfg.zero
+    if z.offload_param != "none" and stage != 3:
+        raise ConfigError(f"zero.offload_param={z.offload_param}: parameter offload needs ZeRO stage 3, this run "
+                          f"uses stage {stage}; set zero.stage=3 or zero.offload_param=none")
+    if z.offload_optimizer != "none" and stage == 0:
+        raise ConfigError(f"zero.offload_optimizer={z.offload_optimizer}: optimizer offload needs ZeRO stage 1-3, "
+                          f"this run uses stage 0 (one rank); set zero.stage")
+    if z.offload_optimizer == "nvme" and stage != 3:
+        raise ConfigError(f"zero.offload_optimizer=nvme: NVMe offload needs ZeRO stage 3, this run uses stage "
+                          f"{stage}; set zero.stage=3 or zero.offload_optimizer=cpu")
+    if "nvme" in (z.offload_optimizer, z.offload_param) and not _aio_available():
+        raise ConfigError("zero.offload_*=nvme: DeepSpeed's async I/O op needs libaio, which this machine lacks; "
+                          "install libaio-dev (apt) or use cpu offload")
+
+
+def _aio_available() -> bool:
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+    try:
+        return bool(AsyncIOBuilder().is_compatible(verbose=False))
+    except Exception:  # an op builder that cannot even probe: treat as missing
+        return False
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:

@@ -1,6 +1,7 @@
 """`bigadapt estimate`: per-rank memory and storage before a run, for people (rich) and tools (--json)."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -20,11 +21,6 @@ UNITS = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mib
          "t": 2**40, "tb": 2**40, "tib": 2**40}
 
 
-# What the estimator can model but the trainer cannot yet do is said where the number is printed
-AC_NOTE = (", activation checkpointing [yellow](modelled only: no trainer key turns it on yet, so a run "
-           "cannot be started at this estimate)[/]")
-
-
 def parse_size(text: str, flag: str = "--gpu-memory") -> int:
     m = SIZE.match(text)
     if not m:
@@ -41,8 +37,9 @@ def add_args(p) -> None:
     p.add_argument("--gpu-memory", help="per GPU, e.g. 80GB: adds 'fits?' and the fewest GPUs that fit")
     p.add_argument("--micro-batch", type=int, help="default: train.micro_batch")
     p.add_argument("--seq-len", type=int, help="default: data.seq_len")
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="model activation checkpointing (modelled only: the trainer cannot turn it on yet)")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="override train.activation_checkpointing (default: the config's; the run does what this "
+                        "assumes only with the key set in its config)")
     p.add_argument("--fit", action="store_true", help="also the largest micro-batch that fits")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON instead of tables")
 
@@ -54,8 +51,9 @@ def main(args) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"--{key.replace('_', '-')}={value}: must be at least 1")
     world = args.nodes * args.gpus_per_node
+    ac = cfg.train.activation_checkpointing if args.activation_checkpointing is None else args.activation_checkpointing
     lay = Layout(world, zero_stage(cfg, world), args.micro_batch or cfg.train.micro_batch,
-                 args.seq_len or cfg.data.seq_len, args.activation_checkpointing)
+                 args.seq_len or cfg.data.seq_len, ac, checkpoint_every=cfg.train.checkpoint_every)
     budget = parse_size(args.gpu_memory) if args.gpu_memory else None
     est = accounting.estimate(cfg, lay, budget, args.fit)
     if args.json:
@@ -63,6 +61,21 @@ def main(args) -> int:
     else:
         report(est, args.gpus_per_node, budget)
     return 0
+
+
+def _offload_note(offload: dict) -> str:
+    """The offload the rows assume (offload_* rows: what leaves the GPU for host RAM or NVMe)."""
+    on = [f"{what} -> {dev}" for what, dev in offload.items() if dev != "none"]
+    return f", offload {', '.join(on)}" if on else ""
+
+
+def _activation_note(est: dict) -> str:
+    """The activation levers the rows assume: attention implementation and checkpointing (every k-th block)."""
+    lay = est["layout"]
+    every = lay.get("checkpoint_every", 1)
+    ac = (f", activation checkpointing{f' every {every} blocks' if every > 1 else ''}"
+          if lay["activation_checkpointing"] else "")
+    return f", attention {est.get('attn_implementation')}{ac}"
 
 
 def _gib(b: int) -> str:
@@ -75,7 +88,7 @@ def report(est: dict, gpus_per_node: int, budget: int | None) -> None:
     con.print(f"[bold]{m['name']}[/]: {m['trainable']:,} trainable of {m['params_total']:,} "
               f"({m['trainable_pct']:.4f}%); {lay['world']} ranks, ZeRO stage {lay['stage']}, "
               f"micro-batch {lay['micro_batch']} x {lay['seq_len']} tokens"
-              f"{AC_NOTE if lay['activation_checkpointing'] else ''}")
+              f"{_offload_note(est['offload'])}{_activation_note(est)}")
     t = Table(title="per-rank memory (GiB)")
     for col in ("component", m["name"], "full fine-tuning"):
         t.add_column(col, justify="right")

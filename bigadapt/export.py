@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import checkpoint, methods, targets
+from . import fingerprint as fp
 from . import model as base_model
 from .config import config_from_dict
 from .errors import CheckpointError
@@ -68,10 +69,10 @@ def load_trained_sharded(path: str | Path):
     try:
         with _quiet_transformers():
             model = base_model.build_base(cfg.model, cfg.train.seed)
-        base_fp = checkpoint.fingerprint(model, exclude=targets.head_prefixes(model))
+        base_fp = fp.fingerprint(model, exclude=targets.head_prefixes(model))
         methods.apply_seeded(model, cfg)
         engine.uniform_working_dtype(model, cfg)
-        checkpoint.check_fingerprint(manifest["base"], base_fp, ckpt)
+        fp.check_fingerprint(manifest["base"], base_fp, ckpt)
         checkpoint.check_names(manifest, model, ckpt)
         tensors = checkpoint.read_tensors(ckpt, "adapter.safetensors")
         for name, p in model.named_parameters():  # model order: the same collectives on every rank
@@ -88,14 +89,14 @@ def load_trained(path: str | Path, untrained: bool = False):
     """(model with the adapter loaded, manifest, run config), rebuilt on the CPU from the manifest.
     untrained=True: the adapter as the run initialised it instead (drawn again from its seed)."""
     ckpt, manifest, cfg = read_run(path)
-    # transformers reports a seq_cls head "MISSING" from a headless base: the adapter file holds the trained
-    # head, and a changed base fails the fingerprint check below, so the report would only mislead
+    # transformers' progress bars and notices would repeat on every load; what the base lacked (the head, a
+    # pooler) and anything unexpected is reported by model.from_pretrained itself
     with _quiet_transformers():
         model = base_model.build_base(cfg.model, cfg.train.seed)
-    base_fp = checkpoint.fingerprint(model, exclude=targets.head_prefixes(model))
+    base_fp = fp.fingerprint(model, exclude=targets.head_prefixes(model))
     methods.apply_seeded(model, cfg)
     if untrained:  # the control too must come from the base the run trained on
-        checkpoint.check_fingerprint(manifest["base"], base_fp, ckpt)
+        fp.check_fingerprint(manifest["base"], base_fp, ckpt)
     else:
         checkpoint.load_adapter(ckpt, model, base_fp)
     return model.eval(), manifest, cfg
@@ -127,14 +128,15 @@ def to_peft(path: str | Path, out: str | Path, overwrite: bool = False) -> int:
         tensors[f"base_model.model.{name}.lora_B.weight"] = _full_B(m)
         rank_pattern[name], alpha_pattern[name] = rank, m.scaling * rank
         fan_in_fan_out |= m.fan_in_fan_out
-    heads = [h for h in targets.head_prefixes(model) if cfg.model.objective == "seq_cls" and cfg.method.train_head]
+    # every weight no base file holds, trained or drawn from the run's seed: without it a peft user gets another model
+    heads = targets.head_prefixes(model)
     for n, p in model.named_parameters():
         if any(n.startswith(h + ".") for h in heads):
             tensors[f"base_model.model.{n}"] = p.detach().float().contiguous()
     first = next(iter(rank_pattern))
     config = {
         "peft_type": "LORA", "task_type": PEFT_TASK[cfg.model.objective],
-        "base_model_name_or_path": cfg.model.name_or_path, "r": rank_pattern[first],
+        "base_model_name_or_path": _export_base(model.config, cfg, out), "r": rank_pattern[first],
         "lora_alpha": alpha_pattern[first], "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "target_modules": sorted(rank_pattern), "lora_dropout": cfg.method.dropout, "bias": "none",
         "fan_in_fan_out": fan_in_fan_out, "modules_to_save": heads or None, "use_rslora": False,
@@ -145,6 +147,23 @@ def to_peft(path: str | Path, out: str | Path, overwrite: bool = False) -> int:
     normal_permissions(out)
     print(f"wrote PEFT adapter {out} ({len(rank_pattern)} LoRA modules, step {manifest['step']})")
     return 0
+
+
+def _export_base(config, cfg, out: Path) -> str:
+    """What peft loads the adapter onto. A hub id or directory stays as it is, with `base.json` beside the adapter
+    saying which config overrides the run used (labels, a decoder classifier's pad id: a base config may have none).
+    A base built from model.arch exists nowhere else, so it is written to `out/base` (its seeded weights, with those
+    overrides in its config) and named by absolute path."""
+    if not cfg.model.name_or_path:
+        with _quiet_transformers():
+            base_model.build_base(cfg.model, cfg.train.seed).save_pretrained(out / "base")
+        print(f"the base was built from model.arch: wrote it to {out / 'base'} for peft to load")
+        return str((out / "base").resolve())
+    keys = ("num_labels", "pad_token_id", "problem_type") if cfg.model.objective == "seq_cls" else ("pad_token_id",)
+    overrides = {k: getattr(config, k, None) for k in keys}
+    (out / "base.json").write_text(json.dumps({"base_model_name_or_path": cfg.model.name_or_path,
+                                               "config_overrides": overrides}, indent=2))
+    return cfg.model.name_or_path
 
 
 def _full_B(m) -> torch.Tensor:
@@ -165,32 +184,77 @@ def fold(model, cfg) -> None:
         method.unwrap(model)
 
 
-def merged(path: str | Path, out: str | Path, overwrite: bool = False) -> int:
+def merged(path: str | Path, out: str | Path, overwrite: bool = False, stream: bool = True) -> int:
     """The trained model as a Hugging Face directory that serves as is: weights, config, tokenizer files (when the
-    run has a real tokenizer), generation_config.json (causal LMs). Methods that cannot merge say why (one line)."""
+    run has a real tokenizer), generation_config.json (causal LMs). Methods that cannot merge say why (one line).
+
+    A base in local safetensors files is merged tensor by tensor (`merge_stream`: never the whole model in
+    memory); any other base, or stream=False, builds the model in this process and folds it as a whole."""
+    from . import merge_stream
+    from .engine import return_freed_memory
+    return_freed_memory()  # each tensor's buffers go back to the system once written: peak ~ largest tensor
+    out = _output_dir(out, overwrite)
+    ckpt, manifest, cfg = read_run(path)
+    merge_stream.refuse_unmergeable(cfg)  # before any weight is read
+    src, why = merge_stream.find_source(cfg.model) if stream else (None, "stream=False")
+    plan = None
+    if src is not None:
+        plan, why = merge_stream.plan(src, ckpt, manifest, cfg)
+    if plan is None:
+        if cfg.model.name_or_path and stream:
+            print(f"merging in memory (the whole model in this process): {why}")
+        model = _folded(path)
+        generation = getattr(model, "generation_config", None)  # generative classes only
+    else:
+        model, generation = plan.skeleton, merge_stream.generation_config(src, plan.skeleton)
+    tok = _merged_metadata(model, generation, manifest, cfg)
+    if plan is None:
+        model.save_pretrained(out)
+    else:
+        merge_stream.write(plan, src, out)
+        model.config.architectures = [type(model).__name__]  # what save_pretrained records
+        model.config.save_pretrained(out)
+        if generation is not None and model.can_generate():
+            generation.save_pretrained(out)
+    _write_tokenizer(tok, cfg, out)
+    normal_permissions(out)
+    how = "streamed tensor by tensor" if plan is not None else "in memory"
+    print(f"wrote merged model {out} (step {manifest['step']}, base {manifest['base']['model_type']}, {how})")
+    return 0
+
+
+def _folded(path):
+    model, _, cfg = load_trained(path)
+    fold(model, cfg)
+    return model.requires_grad_(False)
+
+
+def _merged_metadata(model, generation, manifest: dict, cfg):
+    """Set the served eos/pad ids and the merge marker on the model's config and the generation config; returns
+    the run's tokenizer. `model` may be the streaming merge's meta skeleton: only its config is read."""
     from .data.chat import stop_ids
     from .data.tasks import task_tokenizer
-    out = _output_dir(out, overwrite)
-    model, manifest, cfg = load_trained(path)
-    fold(model, cfg)
-    model.requires_grad_(False)
     tok = task_tokenizer(cfg, model.config.vocab_size)
     eos = stop_ids(tok, cfg.data, model.config.eos_token_id)  # a chat model's server stops at end of turn too
-    if cfg.model.objective == "causal_lm" and model.generation_config is not None:
-        model.generation_config.eos_token_id = eos
-        model.generation_config.pad_token_id = base_model.pad_id(model)
-    model.save_pretrained(out)
+    if cfg.model.objective == "causal_lm" and generation is not None:
+        generation.eos_token_id = eos
+        generation.pad_token_id = base_model.pad_id(model)
+    # the marker the fingerprint reads: this directory loaded as a base is refused for this run's checkpoints
+    setattr(model.config, fp.MERGED_KEY, {"base_weights_sha256": manifest["base"].get("weights_sha256"),
+                                          "adapter_sha256": manifest["files"]["adapter.safetensors"]["sha256"],
+                                          "step": manifest["step"]})
+    return tok
+
+
+def _write_tokenizer(tok, cfg, out: Path) -> None:
     if getattr(tok, "is_fallback", False):
         print(f"no tokenizer files in {out}: the base was built from model.arch and its run used bigadapt's "
               f"byte-level fallback tokenizer (bigadapt.data.tokenizer.ByteTokenizer)")
-    else:
-        if cfg.data.task == "sft":  # the template the run trained with, so a server renders chats the same way
-            from .data.chat import chat_template
-            tok.chat_template = chat_template(tok, cfg.data)
-        tok.save_pretrained(out)
-    normal_permissions(out)
-    print(f"wrote merged model {out} (step {manifest['step']}, base {manifest['base']['model_type']})")
-    return 0
+        return
+    if cfg.data.task == "sft":  # the template the run trained with, so a server renders chats the same way
+        from .data.chat import chat_template
+        tok.chat_template = chat_template(tok, cfg.data)
+    tok.save_pretrained(out)
 
 
 def _output_dir(out: str | Path, overwrite: bool) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -57,19 +58,109 @@ def build_base(mcfg, seed: int) -> nn.Module:
     """
     from . import targets
     config = hf_config(mcfg)
+    if getattr(mcfg, "attn_implementation", None):  # model.attn_implementation (recompute.py): every loading path
+        config._attn_implementation = mcfg.attn_implementation  # reads the config, so it is set once, here
     auto = _auto_class(mcfg.objective)
     dtype = DTYPES[mcfg.dtype]
     if mcfg.quantization != "none":
         return _build_quantized(mcfg, config, auto, dtype, seed)
     if mcfg.name_or_path:
-        model = auto.from_pretrained(mcfg.name_or_path, config=config, dtype=dtype,
-                                     trust_remote_code=mcfg.trust_remote_code)
+        model = from_pretrained(auto, mcfg.name_or_path, config=config, dtype=dtype,
+                                trust_remote_code=mcfg.trust_remote_code)
         random_init(model, seed, targets.head_prefixes(model))
     else:
         model = auto.from_config(config, dtype=dtype, trust_remote_code=mcfg.trust_remote_code)
         random_init(model, seed, None)
     model.train()  # from_pretrained returns eval mode; training mode is what every method expects
     return model
+
+
+def from_pretrained(auto, path: str, sharded: bool = True, **kwargs) -> nn.Module:
+    """`auto.from_pretrained` (under ZeRO-3 with safetensors: `loading.load_sharded`, each rank reading only its
+    partitions; `sharded=False` forces transformers' own path, for comparisons) that keeps transformers' load
+    report: every parameter the checkpoint lacks becomes part of the task head (`model.bigadapt_new_modules`,
+    read by `targets.head_prefixes`: drawn from the run's seed, trained and saved with the adapter, exported in
+    PEFT's modules_to_save), instead of a random draw per process that nothing saves. That part of the report is
+    one info line; anything unexpected stays a warning."""
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its report calls a fresh head "MISSING": ours below says what happens to it
+    try:
+        model, info = _load(auto, path, sharded, **kwargs)
+    except Exception as e:
+        _unreadable_weights(path, e)
+        raise
+    finally:
+        hf_logging.set_verbosity(level)
+    model.bigadapt_new_modules = new_modules(model, info.get("missing_keys", ()))
+    _load_report(path, model.bigadapt_new_modules, info)
+    return model
+
+
+def _load(auto, path: str, sharded: bool, **kwargs):
+    """(model, loading info): the sharded reader where it applies, else transformers' from_pretrained, saying so
+    in one line when that means rank 0 reads the whole checkpoint (ZeRO-3)."""
+    from . import display, loading
+    reason = loading.fallback_reason(kwargs, kwargs.get("config")) if sharded else "asked for (sharded=False)"
+    if reason is None:
+        model, reason = loading.load_sharded(auto, path, **kwargs)
+        if model is not None:
+            return model, reason
+    if zero.registered_stage() == 3 and sharded:
+        display.log(f"{path}: loaded by transformers' from_pretrained (rank 0 reads the whole checkpoint and "
+                    f"broadcasts it): {reason}")
+    return auto.from_pretrained(path, output_loading_info=True, **kwargs)
+
+
+def _unreadable_weights(path: str, error: Exception) -> None:
+    """A truncated or garbage weights file in a local base directory: one line naming it, not safetensors' traceback
+    (which names no file). Other errors are left to their own message."""
+    from safetensors import SafetensorError, safe_open
+    folder = Path(path)
+    if not isinstance(error, SafetensorError) or not folder.is_dir():
+        return
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"model.name_or_path={path!r}: {weights} is not a readable safetensors file "
+                              f"({str(e).splitlines()[0]}); it is truncated or damaged: copy it again") from None
+    raise ConfigError(f"model.name_or_path={path!r}: a weights file is unreadable ({error}); copy the model again") \
+        from None
+
+
+def new_modules(model: nn.Module, missing) -> list[str]:
+    """The largest modules whose parameters are all missing from the checkpoint (e.g. `bert.pooler`, `classifier`),
+    in model order. Missing buffers are left out: transformers computes those (position ids, rotary tables)."""
+    params = [n for n, _ in model.named_parameters()]
+    gone = set(missing) & set(params)
+    if not gone:
+        return []
+    found = set()
+    for owner in {n.rpartition(".")[0] for n in gone}:
+        while owner and _all_missing(owner.rpartition(".")[0], params, gone):
+            owner = owner.rpartition(".")[0]
+        if owner:  # a parameter of the root module itself has no module to save: left as transformers made it
+            found.add(owner)
+    found = {m for m in found if not any(m.startswith(o + ".") for o in found)}
+    return [n for n, _ in model.named_modules() if n in found]
+
+
+def _all_missing(module: str, params: list[str], gone: set[str]) -> bool:
+    # the root is never "missing": climbing stops below it
+    return bool(module) and all(p in gone for p in params if p.startswith(module + "."))
+
+
+def _load_report(path: str, new: list[str], info: dict) -> None:
+    from . import display
+    if new:
+        display.log(f"{path}: not in the checkpoint, trained and saved as part of the task head: {', '.join(new)}")
+    for key in ("unexpected_keys", "mismatched_keys", "error_msgs"):
+        if info.get(key):
+            shown = sorted(map(str, info[key]))
+            display.log(f"warning: {path}: {key.replace('_', ' ')} while loading: {', '.join(shown[:8])}"
+                        f"{f' (+{len(shown) - 8} more)' if len(shown) > 8 else ''}")
 
 
 # ---------------------------------------------------------------- bitsandbytes-quantized base (QLoRA)
@@ -98,7 +189,7 @@ def _build_quantized(mcfg, config, auto, dtype: torch.dtype, seed: int) -> nn.Mo
     kwargs = dict(config=config, dtype=dtype, quantization_config=bnb_config(mcfg),
                   trust_remote_code=mcfg.trust_remote_code)
     if mcfg.name_or_path:
-        model = auto.from_pretrained(mcfg.name_or_path, **kwargs)
+        model = from_pretrained(auto, mcfg.name_or_path, **kwargs)
         random_init(model, seed, targets.head_prefixes(model))
     else:
         with tempfile.TemporaryDirectory(prefix="bigadapt-qbase-") as tmp:

@@ -62,6 +62,11 @@ def register_for_loading(ds_config: dict) -> None:
         _hf_ds_config = HfDeepSpeedConfig(ds_config)
 
 
+def registered_stage() -> int:
+    """3 while a ZeRO-3 config is registered for loading (every from_pretrained is then a collective), else 0."""
+    return 3 if _hf_ds_config is not None else 0
+
+
 def unregister() -> None:
     global _hf_ds_config
     if _hf_ds_config is not None:
@@ -105,10 +110,30 @@ def _hp_managed(p: torch.Tensor) -> bool:
     return is_zero(p) or hasattr(p, "_hp_mapping")
 
 
+def link_fp32_copies(opt) -> None:
+    """bf16/fp16 without ZeRO (stage 0): DeepSpeed's FP16_UnfusedOptimizer clones each trainable parameter into an
+    fp32 copy (`fp32_groups`, parallel to `fp16_groups`) that torch's AdamW steps and keys its state by; the
+    parameter itself is only the 16-bit working copy, overwritten from its copy after every step. Tag each
+    parameter with its copy, as DeepSpeed tags ZeRO's with `_hp_mapping`, so that code holding only the parameter
+    (init_from, a regression head's bias) reaches its master too. No-op for every other optimizer."""
+    w = opt
+    while w is not None and not isinstance(w, torch.optim.Optimizer):
+        for lows, highs in zip(getattr(w, "fp16_groups", ()), getattr(w, "fp32_groups", ())):
+            for low, high in zip(lows, highs):
+                low._bigadapt_fp32 = high
+        w = getattr(w, "optimizer", None)
+
+
+def _own_master(p: torch.Tensor) -> torch.Tensor:
+    """For a parameter DeepSpeed does not map: the tensor the torch optimizer steps (its fp32 copy, or itself)."""
+    copy = getattr(p, "_bigadapt_fp32", None)
+    return p if copy is None else copy
+
+
 def full_master(p: torch.Tensor) -> torch.Tensor:
     """*Collective.* The full fp32 master of a trainable parameter, on CPU, at its true shape."""
     from deepspeed.utils import safe_get_full_fp32_param
-    v = safe_get_full_fp32_param(p) if _hp_managed(p) else p.detach()
+    v = safe_get_full_fp32_param(p) if _hp_managed(p) else _own_master(p).detach()
     return v.detach().float().cpu().reshape(full_shape(p)).clone()
 
 
@@ -117,6 +142,9 @@ def set_master(p: torch.Tensor, value: torch.Tensor) -> None:
     from deepspeed.utils import safe_set_full_fp32_param
     if _hp_managed(p):
         safe_set_full_fp32_param(p, value.float().to(_device(p)).reshape(-1))
+    elif _own_master(p) is not p:
+        with torch.no_grad():
+            _own_master(p).copy_(value.float().reshape(p.shape))
     set_param(p, value)
 
 
@@ -158,7 +186,7 @@ def master_params(opt) -> list[torch.Tensor]:
 def full_optimizer_state(opt, p: torch.Tensor, key: str) -> torch.Tensor:
     """*Collective.* An Adam moment of p at p's true shape, fp32, on CPU."""
     from deepspeed.utils import safe_get_full_optimizer_state
-    v = safe_get_full_optimizer_state(p, key) if _hp_managed(p) else torch_optimizer(opt).state[p][key]
+    v = safe_get_full_optimizer_state(p, key) if _hp_managed(p) else torch_optimizer(opt).state[_own_master(p)][key]
     return v.detach().float().cpu().reshape(full_shape(p)).clone()
 
 
@@ -168,11 +196,13 @@ def set_optimizer_state(opt, p: torch.Tensor, key: str, value: torch.Tensor) -> 
     if _hp_managed(p):
         safe_set_full_optimizer_state(p, value.float().to(_device(p)).reshape(-1), key)
     else:
-        torch_optimizer(opt).state[p][key].copy_(value.reshape(p.shape))
+        torch_optimizer(opt).state[_own_master(p)][key].copy_(value.reshape(p.shape))
 
 
 def ensure_adam_state(opt, step: int) -> None:
-    """Create Adam state before the first step (torch creates it lazily) so a resume can fill it in."""
+    """Create Adam state before the first step (torch creates it lazily) so a resume can fill it in; and link
+    16-bit parameters to their fp32 copies (link_fp32_copies), as engine.initialize calls this first."""
+    link_fp32_copies(opt)
     inner = torch_optimizer(opt)
     # fused/capturable AdamW keeps `step` on the parameter's device, the others on the CPU
     on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
@@ -181,7 +211,65 @@ def ensure_adam_state(opt, step: int) -> None:
         if not st:
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        st["step"] = torch.tensor(float(step), device=p.device if on_device else "cpu")
+        if torch.is_tensor(st.get("step")):
+            st["step"].fill_(float(step))  # in place: views DeepSpeed linked to the state stay valid
+        else:
+            st["step"] = torch.tensor(float(step), device=p.device if on_device else "cpu")
+    _link_optimizer_state(opt)
+
+
+def _link_optimizer_state(opt) -> None:
+    """ZeRO-1/2 and the bf16 optimizer map a parameter to its slice of Adam's state only in their first step()
+    (`_lazy_init_hp_params_optimizer_state`); a resume sets the moments before any step, through that mapping."""
+    w = opt
+    while w is not None and not isinstance(w, torch.optim.Optimizer):
+        if hasattr(w, "_lazy_init_hp_params_optimizer_state"):
+            w._lazy_init_hp_params_optimizer_state()
+        w = getattr(w, "optimizer", None)
+
+
+def optimizer_step(opt) -> int:
+    """*Collective.* The steps Adam has applied: fewer than the run's steps when DeepSpeed skipped some (fp16
+    overflow), and what its bias correction depends on, so a resume must restore this count, not the run's."""
+    steps = [float(st["step"]) for st in torch_optimizer(opt).state.values() if "step" in st]
+    return int(all_reduce_max_list([max(steps, default=0.0)])[0])
+
+
+# The dynamic loss scaler's state (fp16): where the scale search stands. Without it a resumed fp16 run would
+# restart the search at 2^16 and skip other steps than the uninterrupted run.
+SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _loss_scaler(opt):
+    # ZeRO's optimizers keep a LossScaler in `loss_scaler`; the stage-0 fp16/bf16 wrappers a `loss_scale_config`
+    w = opt
+    while w is not None and not isinstance(w, torch.optim.Optimizer):
+        for attr in ("loss_scaler", "loss_scale_config"):
+            if getattr(w, attr, None) is not None:
+                return getattr(w, attr)
+        w = getattr(w, "optimizer", None)
+    return None
+
+
+def loss_scale_state(opt) -> dict:
+    """The loss scaler's numbers (the same on every rank), JSON-ready; {} without mixed precision."""
+    scaler, out = _loss_scaler(opt), {}
+    for field in SCALER_FIELDS if scaler is not None else ():
+        value = getattr(scaler, field, None)
+        if torch.is_tensor(value):
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[field] = value
+    return out
+
+
+def set_loss_scale_state(opt, state: dict) -> None:
+    scaler = _loss_scaler(opt)
+    for field, value in state.items() if scaler is not None else ():
+        if field in SCALER_FIELDS and hasattr(scaler, field):
+            current = getattr(scaler, field)
+            setattr(scaler, field, torch.tensor(value, dtype=current.dtype, device=current.device)
+                    if torch.is_tensor(current) else type(current)(value) if current is not None else value)
 
 
 def leading_elements(p: torch.Tensor, k: int) -> torch.Tensor:
@@ -200,6 +288,55 @@ def leading_elements(p: torch.Tensor, k: int) -> torch.Tensor:
     if world_size() > 1:
         dist.broadcast(buf, src=0)
     return buf.cpu()
+
+
+def sample_elements(params: list, positions: list[list[int]]) -> torch.Tensor:
+    """*Collective.* The elements of each full parameter at its flat `positions`, concatenated, float64 (exact
+    for every stored dtype), identical on every rank and for any world size.
+
+    Under ZeRO-3 each rank reads only the positions that fall in its own partition (`ds_tensor`, which starts
+    at rank * partition size) and one all-reduce over the small sample adds the ranks' parts: nothing is
+    gathered, whatever the model's size.
+    """
+    reduce = world_size() > 1 and any(is_zero(p) for p in params)
+    parts = [_local_sample(p, idx, reduce) for p, idx in zip(params, positions)]
+    buf = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    if reduce:
+        buf = buf.to(_comm_device())
+        dist.all_reduce(buf)  # each position is held by exactly one rank, the others add zeros: exact
+        buf = buf.cpu()
+    return buf + 0.0  # -0.0 and +0.0 alike, whichever rank held the element
+
+
+def _local_sample(p: torch.Tensor, idx: list[int], reduce: bool) -> torch.Tensor:
+    """This rank's share of the sample: the positions it holds, zeros elsewhere."""
+    out = torch.zeros(len(idx), dtype=torch.float64)
+    start = _partition_start(p)
+    if start is None:  # whole on every rank (or an unusual partition group, gathered: collective): rank 0 adds it
+        with gathered([p]):
+            flat = p.detach().reshape(-1)
+            value = flat[torch.tensor(idx, dtype=torch.long, device=flat.device)].double().cpu()
+        return out if reduce and rank() != 0 else value
+    size = p.ds_tensor.ds_numel
+    mine = [(k, i - start) for k, i in enumerate(idx) if start <= i < start + size]
+    if mine:
+        slots, offsets = zip(*mine)
+        local = p.ds_tensor.detach().reshape(-1)
+        out[list(slots)] = local[torch.tensor(offsets, dtype=torch.long, device=local.device)].double().cpu()
+    return out
+
+
+def _partition_start(p: torch.Tensor) -> int | None:
+    """Where this rank's ZeRO-3 partition of p begins in the flat parameter; None when p is not partitioned over
+    exactly the world (not ZeRO-3, or hierarchical/MiCS groups where partitions repeat across replicas)."""
+    if not is_zero(p) or getattr(p.ds_tensor, "ds_numel", None) is None:
+        return None
+    if world_size() == 1:
+        return 0
+    group = getattr(p, "ds_process_group", None)
+    if dist.get_world_size(group=group) != world_size():
+        return None
+    return p.ds_tensor.ds_numel * dist.get_rank(group=group)
 
 
 def _comm_device() -> torch.device:
