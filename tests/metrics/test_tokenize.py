@@ -12,10 +12,9 @@ def test_coco_punctuation_removal_keeps_brackets():
     assert coco_tokenize("`Well' -- (yes); no: ok? ... fine!") == ["well", "-lrb-", "yes", "-rrb-", "no", "ok", "fine"]
 
 
-def test_coco_tokenize_matches_stanford_ptb():
-    # Expected outputs are what PTBTokenizer -preserveLines -lowerCase (CoreNLP 3.4.1) printed, minus
-    # pycocoevalcap's PUNCTUATIONS tokens.
-    cases = {
+# Expected outputs are what PTBTokenizer -preserveLines -lowerCase (CoreNLP 3.4.1) printed, minus
+# pycocoevalcap's PUNCTUATIONS tokens.
+PTB_CASES = {
         "Alimentum is located in the city centre. It is not family-friendly.":
             "alimentum is located in the city centre it is not family-friendly",
         "aren 't allowed . it 's fine . rating .. ok": "aren t allowed it 's fine rating ok",
@@ -27,14 +26,16 @@ def test_coco_tokenize_matches_stanford_ptb():
         "Dr. Smith got a Ph.D. in Jan. 2003 and the cat sat.": "dr. smith got a ph.d. in jan. 2003 and the cat sat",
         "She met Gen. Lee at 5 Main St. in Calif. at noon , etc. and so on .":
             "she met gen. lee at 5 main st. in calif. at noon etc. and so on",
-    }
-    for text, expected in cases.items():
+}
+
+
+def test_coco_tokenize_matches_stanford_ptb():
+    for text, expected in PTB_CASES.items():
         assert coco_tokenize(text) == expected.split(), text
-    return cases
 
 
 @needs_java
 def test_the_jar_prints_what_the_fallback_was_written_to():
-    cases = test_coco_tokenize_matches_stanford_ptb()
+    cases = PTB_CASES
     texts = list(cases) + ["", "   "]  # blank texts come back blank (the jar never sees them)
     assert ptb_tokenize(texts) == list(cases.values()) + ["", ""]
