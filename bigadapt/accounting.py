@@ -2,7 +2,7 @@
 
 The model is built on the meta device (no weights: GPT-3 175B takes about a second), the method injected,
 and every tensor counted exactly. Per-rank bytes follow what DeepSpeed allocates, buffer by buffer
-(see `measure_model_states` in zero.py for the measured twin; the two are compared in every run):
+(see `measure_model_states` in bigadapt/zero for the measured twin; the two are compared in every run):
 
 ZeRO-3, W ranks, part(n) = ceil(n / W), F frozen and T trainable tensors:
   base_partition      sum_F part(n) * base bytes

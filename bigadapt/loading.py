@@ -169,9 +169,8 @@ def write_partition(t: torch.Tensor, stored) -> None:
     ZeRO-3 gives rank r the elements [r * size, (r + 1) * size) of the *flattened* tensor, zero-padded at the
     end: read only the rows that cover that range, cut it out. A buffer, or a parameter whose partition is
     not a plain local tensor (NVMe offload, hierarchical partitioning), is read whole and written whole."""
-    start = zero._partition_start(t) if zero.is_zero(t) else None
-    local = t.ds_tensor if start is not None else None
-    if local is None or local.numel() != local.ds_numel:
+    part = zero.local_partition(t)
+    if part is None:
         with torch.no_grad():
             value = stored[:] if stored.get_shape() else stored[...]
             if zero.is_zero(t):
@@ -179,7 +178,7 @@ def write_partition(t: torch.Tensor, stored) -> None:
             else:
                 t.copy_(value.reshape(t.shape))
         return
-    flat = local.data.view(-1)
+    start, flat = part
     numel = zero.full_numel(t)
     end = min(start + flat.numel(), numel)
     with torch.no_grad():

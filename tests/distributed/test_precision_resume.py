@@ -110,7 +110,7 @@ def test_loss_scaler_state_round_trips():
 
     from bigadapt import zero
 
-    class Wrapper:  # what zero.py walks: a DeepSpeed optimizer wrapper over a torch optimizer
+    class Wrapper:  # what bigadapt.zero walks: a DeepSpeed optimizer wrapper over a torch optimizer
         def __init__(self):
             self.optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
             self.loss_scaler = DynamicLossScaler(init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,

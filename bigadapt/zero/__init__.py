@@ -1,275 +1,54 @@
-"""Every ZeRO-3 detail in one place.
+"""Every ZeRO-3 detail in one place (this package).
 
 Under ZeRO-3 a parameter's `.data` is an empty placeholder: its true shape is `ds_shape`, this rank's
 slice is `ds_tensor`, and the fp32 master and Adam moments live in the optimizer's flat partitions.
-Everything else in bigadapt asks this module, so the rest of the code reads as if parameters were whole.
+Everything else in bigadapt asks this package, so the rest of the code reads as if parameters were whole.
 Functions marked *collective* must be called by every rank in the same order.
+
+`params`: shapes, ranks, loading and gathering; `optim`: masters, optimizer state and loss scale; here: sampled
+elements, collectives over small values, what each rank holds and measures.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.distributed as dist
 
-_hf_ds_config = None  # transformers holds only a weak reference: keep it alive while loading
-
-
-def is_zero(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")
-
-
-def full_shape(p: torch.Tensor) -> tuple[int, ...]:
-    return tuple(p.ds_shape) if is_zero(p) else tuple(p.shape)
-
-
-def full_numel(p: torch.Tensor) -> int:
-    return int(p.ds_numel) if is_zero(p) else p.numel()
-
-
-def local_numel(p: torch.Tensor) -> int:
-    """Elements this rank stores for p (its partition under ZeRO-3, all of it otherwise)."""
-    return int(p.ds_tensor.numel()) if is_zero(p) else p.numel()
-
-
-def local_bytes(p: torch.Tensor) -> int:
-    return local_numel(p) * (p.ds_tensor.element_size() if is_zero(p) else p.element_size())
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
-def register_for_loading(ds_config: dict) -> None:
-    """Make transformers build/load under zero.Init, so each rank keeps only its partition while reading.
-
-    Must happen before from_pretrained/from_config, and every later from_pretrained is then a collective.
-    """
-    global _hf_ds_config
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-        _hf_ds_config = HfDeepSpeedConfig(ds_config)
-
-
-def registered_stage() -> int:
-    """3 while a ZeRO-3 config is registered for loading (every from_pretrained is then a collective), else 0."""
-    return 3 if _hf_ds_config is not None else 0
-
-
-def unregister() -> None:
-    global _hf_ds_config
-    if _hf_ds_config is not None:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-        unset_hf_deepspeed_config()
-        _hf_ds_config = None
-
-
-@contextlib.contextmanager
-def loading_paused():
-    """Build outside zero.Init for a moment (e.g. a model that must be saved whole), then re-register."""
-    held = _hf_ds_config
-    if held is None:
-        yield
-        return
-    unregister()
-    try:
-        yield
-    finally:
-        register_for_loading(held.config)
-
-
-@contextlib.contextmanager
-def gathered(params, modify: bool = False):
-    """*Collective.* Make exactly these params whole for the block; yields whether this rank may write them.
-
-    With modify=True rank 0's writes are broadcast and re-partitioned on exit. Params that are not ZeRO-3
-    partitioned are already whole: every rank writes its own copy.
-    """
-    zp = [p for p in params if is_zero(p)]
-    if not zp:
-        yield True
-        return
-    import deepspeed
-    with deepspeed.zero.GatheredParameters(zp, modifier_rank=0 if modify else None):
-        yield rank() == 0 or not modify
-
-
-def _hp_managed(p: torch.Tensor) -> bool:
-    # ZeRO-3 params, or ZeRO-1/2 / bf16-optimizer params whose fp32 master lives in the optimizer
-    return is_zero(p) or hasattr(p, "_hp_mapping")
-
-
-def link_fp32_copies(opt) -> None:
-    """bf16/fp16 without ZeRO (stage 0): DeepSpeed's FP16_UnfusedOptimizer clones each trainable parameter into an
-    fp32 copy (`fp32_groups`, parallel to `fp16_groups`) that torch's AdamW steps and keys its state by; the
-    parameter itself is only the 16-bit working copy, overwritten from its copy after every step. Tag each
-    parameter with its copy, as DeepSpeed tags ZeRO's with `_hp_mapping`, so that code holding only the parameter
-    (init_from, a regression head's bias) reaches its master too. No-op for every other optimizer."""
-    w = opt
-    while w is not None and not isinstance(w, torch.optim.Optimizer):
-        for lows, highs in zip(getattr(w, "fp16_groups", ()), getattr(w, "fp32_groups", ())):
-            for low, high in zip(lows, highs):
-                low._bigadapt_fp32 = high
-        w = getattr(w, "optimizer", None)
-
-
-def _own_master(p: torch.Tensor) -> torch.Tensor:
-    """For a parameter DeepSpeed does not map: the tensor the torch optimizer steps (its fp32 copy, or itself)."""
-    copy = getattr(p, "_bigadapt_fp32", None)
-    return p if copy is None else copy
-
-
-def full_master(p: torch.Tensor) -> torch.Tensor:
-    """*Collective.* The full fp32 master of a trainable parameter, on CPU, at its true shape."""
-    from deepspeed.utils import safe_get_full_fp32_param
-    v = safe_get_full_fp32_param(p) if _hp_managed(p) else _own_master(p).detach()
-    return v.detach().float().cpu().reshape(full_shape(p)).clone()
-
-
-def set_master(p: torch.Tensor, value: torch.Tensor) -> None:
-    """*Collective.* Set the fp32 master and the working copy (which DeepSpeed would not refresh itself)."""
-    from deepspeed.utils import safe_set_full_fp32_param
-    if _hp_managed(p):
-        safe_set_full_fp32_param(p, value.float().to(_device(p)).reshape(-1))
-    elif _own_master(p) is not p:
-        with torch.no_grad():
-            _own_master(p).copy_(value.float().reshape(p.shape))
-    set_param(p, value)
-
-
-def set_param(p: torch.Tensor, value: torch.Tensor) -> None:
-    """*Collective.* Write the whole value of a parameter, partitioned or not, without touching any optimizer
-    state (inference: a trained adapter loaded into a sharded model that has no optimizer)."""
-    with torch.no_grad(), gathered([p], modify=True) as writer:
-        if writer:
-            p.data.copy_(value.to(p.dtype).reshape(p.data.shape))
-
-
-def _device(p: torch.Tensor) -> torch.device:
-    return p.ds_tensor.device if is_zero(p) else p.device
-
-
-def torch_optimizer(opt):
-    """The torch optimizer under DeepSpeed's wrappers (its state is keyed by DeepSpeed's flat partitions)."""
-    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
-        opt = opt.optimizer
-    return opt
-
-
-def master_params(opt) -> list[torch.Tensor]:
-    """The fp32 tensors the torch optimizer steps, i.e. the keys of its state.
-
-    ZeRO-3 keeps its flat fp32 partitions out of param_groups between steps (it swaps them in per
-    sub-group inside step()), so they are read from the wrapper; elsewhere param_groups hold them.
-    """
-    wrapper = opt
-    while not isinstance(wrapper, torch.optim.Optimizer):
-        if hasattr(wrapper, "fp32_partitioned_groups_flat"):
-            return list(wrapper.fp32_partitioned_groups_flat)
-        if not hasattr(wrapper, "optimizer"):
-            break
-        wrapper = wrapper.optimizer
-    return [p for g in torch_optimizer(opt).param_groups for p in g["params"]]
-
-
-def full_optimizer_state(opt, p: torch.Tensor, key: str) -> torch.Tensor:
-    """*Collective.* An Adam moment of p at p's true shape, fp32, on CPU."""
-    from deepspeed.utils import safe_get_full_optimizer_state
-    v = safe_get_full_optimizer_state(p, key) if _hp_managed(p) else torch_optimizer(opt).state[_own_master(p)][key]
-    return v.detach().float().cpu().reshape(full_shape(p)).clone()
-
-
-def set_optimizer_state(opt, p: torch.Tensor, key: str, value: torch.Tensor) -> None:
-    """*Collective.*"""
-    from deepspeed.utils import safe_set_full_optimizer_state
-    if _hp_managed(p):
-        safe_set_full_optimizer_state(p, value.float().to(_device(p)).reshape(-1), key)
-    else:
-        torch_optimizer(opt).state[_own_master(p)][key].copy_(value.reshape(p.shape))
-
-
-def ensure_adam_state(opt, step: int) -> None:
-    """Create Adam state before the first step (torch creates it lazily) so a resume can fill it in; and link
-    16-bit parameters to their fp32 copies (link_fp32_copies), as engine.initialize calls this first."""
-    link_fp32_copies(opt)
-    inner = torch_optimizer(opt)
-    # fused/capturable AdamW keeps `step` on the parameter's device, the others on the CPU
-    on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
-    for p in master_params(opt):
-        st = inner.state[p]
-        if not st:
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if torch.is_tensor(st.get("step")):
-            st["step"].fill_(float(step))  # in place: views DeepSpeed linked to the state stay valid
-        else:
-            st["step"] = torch.tensor(float(step), device=p.device if on_device else "cpu")
-    _link_optimizer_state(opt)
-
-
-def _link_optimizer_state(opt) -> None:
-    """ZeRO-1/2 and the bf16 optimizer map a parameter to its slice of Adam's state only in their first step()
-    (`_lazy_init_hp_params_optimizer_state`); a resume sets the moments before any step, through that mapping."""
-    w = opt
-    while w is not None and not isinstance(w, torch.optim.Optimizer):
-        if hasattr(w, "_lazy_init_hp_params_optimizer_state"):
-            w._lazy_init_hp_params_optimizer_state()
-        w = getattr(w, "optimizer", None)
-
-
-def optimizer_step(opt) -> int:
-    """*Collective.* The steps Adam has applied: fewer than the run's steps when DeepSpeed skipped some (fp16
-    overflow), and what its bias correction depends on, so a resume must restore this count, not the run's."""
-    steps = [float(st["step"]) for st in torch_optimizer(opt).state.values() if "step" in st]
-    return int(all_reduce_max_list([max(steps, default=0.0)])[0])
-
-
-# The dynamic loss scaler's state (fp16): where the scale search stands. Without it a resumed fp16 run would
-# restart the search at 2^16 and skip other steps than the uninterrupted run.
-SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
-
-
-def _loss_scaler(opt):
-    # ZeRO's optimizers keep a LossScaler in `loss_scaler`; the stage-0 fp16/bf16 wrappers a `loss_scale_config`
-    w = opt
-    while w is not None and not isinstance(w, torch.optim.Optimizer):
-        for attr in ("loss_scaler", "loss_scale_config"):
-            if getattr(w, attr, None) is not None:
-                return getattr(w, attr)
-        w = getattr(w, "optimizer", None)
-    return None
-
-
-def loss_scale_state(opt) -> dict:
-    """The loss scaler's numbers (the same on every rank), JSON-ready; {} without mixed precision."""
-    scaler, out = _loss_scaler(opt), {}
-    for field in SCALER_FIELDS if scaler is not None else ():
-        value = getattr(scaler, field, None)
-        if torch.is_tensor(value):
-            value = value.item()
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[field] = value
-    return out
-
-
-def set_loss_scale_state(opt, state: dict) -> None:
-    scaler = _loss_scaler(opt)
-    for field, value in state.items() if scaler is not None else ():
-        if field in SCALER_FIELDS and hasattr(scaler, field):
-            current = getattr(scaler, field)
-            setattr(scaler, field, torch.tensor(value, dtype=current.dtype, device=current.device)
-                    if torch.is_tensor(current) else type(current)(value) if current is not None else value)
+from .optim import (  # noqa: F401  (re-exported: callers use bigadapt.zero.X)
+    SCALER_FIELDS,
+    ensure_adam_state,
+    full_master,
+    full_optimizer_state,
+    link_fp32_copies,
+    loss_scale_state,
+    master_params,
+    optimizer_step,
+    set_loss_scale_state,
+    set_master,
+    set_optimizer_state,
+    set_param,
+    torch_optimizer,
+)
+from .params import (  # noqa: F401
+    _comm_device,
+    all_gather_object,
+    all_reduce_max_list,
+    all_reduce_sum,
+    barrier,
+    full_numel,
+    full_shape,
+    gathered,
+    is_zero,
+    loading_paused,
+    local_bytes,
+    local_numel,
+    rank,
+    register_for_loading,
+    registered_stage,
+    unregister,
+    world_size,
+)
 
 
 def leading_elements(p: torch.Tensor, k: int) -> torch.Tensor:
@@ -339,37 +118,14 @@ def _partition_start(p: torch.Tensor) -> int | None:
     return p.ds_tensor.ds_numel * dist.get_rank(group=group)
 
 
-def _comm_device() -> torch.device:
-    # NCCL moves only GPU tensors; gloo (CPU runs) only host ones
-    if world_size() > 1 and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def all_gather_object(obj) -> list:
-    if world_size() == 1:
-        return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def all_reduce_max_list(values: list[float]) -> list[float]:
-    """*Collective.* Element-wise max over ranks in one reduction: how ranks agree on stop requests (any rank's
-    signal stops every rank), a spent budget and eval marks."""
-    if world_size() == 1:
-        return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def all_reduce_sum(values: list[float]) -> list[float]:
-    if world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t)
-    return t.tolist()
+def local_partition(p: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+    """(where this rank's slice begins in the flattened parameter, the slice as a flat tensor to write into), or
+    None when p has no plain local ZeRO-3 partition (not ZeRO-3, NVMe offload, hierarchical partitioning): then
+    write it whole (`set_param`). The slice may run past the end of the parameter: DeepSpeed's zero padding."""
+    start = _partition_start(p)
+    if start is None or p.ds_tensor.numel() != p.ds_tensor.ds_numel:
+        return None
+    return start, p.ds_tensor.data.view(-1)
 
 
 def rank_holdings(model, optimizer) -> dict:
