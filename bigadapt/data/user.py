@@ -118,7 +118,7 @@ def _check_packing(cfg) -> None:
         return
     from transformers import AutoConfig
 
-    from bigadapt.config import PACKING_MODEL_TYPES
+    from bigadapt.validation import PACKING_MODEL_TYPES
     kind = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     if kind.model_type not in PACKING_MODEL_TYPES:
         raise ConfigError(f"data.packing=True: model_type {kind.model_type} cannot tell packed examples apart "
