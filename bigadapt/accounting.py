@@ -18,19 +18,20 @@ Offload (zero.offload_*; the rows above stay the bytes wherever they live): opti
 moments and gradient partitions in host RAM, plus every sub-group's fp32 gradient (no transient step buffer);
 param offload the partitions. offload_host_ram / offload_nvme / offload_swap_buffers say where; `total` is what
 the accelerator holds. DeepSpeed settings are read from the merged config (the user's JSON included).
-Stage 0: everything whole; moments for trainable tensors only; their gradients exist only between
+Stages 1/2: base and working copies whole; masters, moments (and at 2 gradients) partitioned. Stage 0: everything
+whole; moments for trainable tensors only; their gradients exist only between
 backward and step (transient) unless mixed precision keeps fp32 accumulation buffers.
 Activations are an analytic upper bound (Korthikanti et al. 2022) and framework overhead an explicit constant.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 from dataclasses import dataclass
 
-from . import methods, targets
+from torch import nn
+
+from . import methods, quantized, targets
 from .errors import ConfigError
 from .model import build_meta
 
@@ -70,13 +71,22 @@ class Shape:
 def shapes(cfg) -> tuple[Shape, Shape]:
     """(the run's method, full fine-tuning) from one meta-device build; raises ConfigError for bad targets."""
     model = build_meta(cfg.model)
-    _, blocks = targets.layer_list(model)
-    largest = max((sum(p.numel() for p in blk.parameters()) for blk in blocks), default=0)
+    largest = _largest_block(model)
     base = [(n, p.numel(), True, p.dim()) for n, p in model.named_parameters()]
     full = Shape(base, model.config, largest, sum(n for _, n, _, _ in base))
     methods.apply(model, cfg)
     ts = [(n, p.numel(), p.requires_grad, p.dim()) for n, p in model.named_parameters()]
     return Shape(ts, model.config, largest, sum(n for _, n, _, _ in ts)), full
+
+
+def _largest_block(model) -> int:
+    """Elements of the largest transformer block. LoRA by module names runs on models whose blocks bigadapt
+    cannot tell: there the largest member of any ModuleList (blocks are the usual ones), else the whole model,
+    so the gather working set is overestimated rather than missed."""
+    found = targets.find_blocks(model)
+    lists = [found[1]] if found else [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    sizes = [sum(p.numel() for p in blk.parameters()) for lst in lists for blk in lst]
+    return max(sizes) if sizes else sum(p.numel() for p in model.parameters())
 
 
 def zero_settings(cfg, lay: Layout, shape: Shape | None = None) -> dict:
@@ -96,9 +106,9 @@ def model_states(ts: list[tuple[str, int, bool, int]], cfg, lay: Layout, z: dict
     frozen = [n for _, n, t, _ in ts if not t]
     train = [n for _, n, t, _ in ts if t]
     if cfg.model.quantization != "none":
-        base_bytes = quantized_base_bytes(ts, cfg, lay.world if lay.stage == 3 else 1)
+        base_bytes = quantized.base_bytes(ts, cfg, lay.world if lay.stage == 3 else 1, BYTES[cfg.model.dtype])
     else:
-        base_bytes = sum(frozen) * base_b if lay.stage == 0 else sum(math.ceil(n / lay.world) for n in frozen) * base_b
+        base_bytes = sum(frozen) * base_b if lay.stage < 3 else sum(math.ceil(n / lay.world) for n in frozen) * base_b
     if lay.stage == 0:
         mixed = work_b != 4
         return _total({
@@ -117,9 +127,9 @@ def model_states(ts: list[tuple[str, int, bool, int]], cfg, lay: Layout, z: dict
     return _total({
         "base_partition": base_bytes,
         "persistent_copies": sum(n * (work_b if t else base_b) for _, n, t, _ in ts if n <= thr),
-        "trainable_working": sum(part) * work_b,
+        "trainable_working": (sum(train) if lay.stage < 3 else sum(part)) * work_b,  # stage 1/2: whole
         "fp32_masters": sum(part) * 4,
-        "gradients": sum(part) * work_b + (sum(part) * 4 if offload_opt else 0),
+        "gradients": (sum(train) if lay.stage == 1 else sum(part)) * work_b + (sum(part) * 4 if offload_opt else 0),
         "optimizer_states": 2 * 4 * sum(part),
         "reduce_bucket": bucket * work_b,
     }), 0 if offload_opt else step
@@ -163,50 +173,6 @@ def _buffers(section: dict, count: int, size: int) -> int:
     return _number(section.get("buffer_count"), count) * size
 
 
-def quantized_bytes(numel: int, quantization: str, rows: int) -> tuple[int, int]:
-    """(packed codes, quant state) bytes bitsandbytes keeps for one weight of `numel` elements, `rows` outputs.
-
-    nf4/fp4 with double quantization (what model.bnb_config asks for): two codes per byte; per 64-element
-    block an absmax quantized to one byte; per 256 blocks an fp32 absmax of those; a 16-entry fp32 code
-    book, the 256-entry fp32 nested code book and an fp32 offset. int8: one byte per element and an fp32
-    scale per output row. The codes are the parameter ZeRO-3 partitions; the state rides on it, whole.
-    """
-    if quantization == "int8":
-        return numel, 4 * rows
-    blocks = math.ceil(numel / 64)
-    return math.ceil(numel / 2), blocks + 4 * math.ceil(blocks / 256) + 4 * (16 + 256 + 1)
-
-
-def quantized_base_bytes(ts, cfg, world: int) -> int:
-    """Per-rank bytes of the frozen base when model.quantization is set: quantized layers by
-    `quantized_bytes` (codes split over `world`), everything else (embeddings, norms, head) in the base dtype."""
-    rows = _quantized_rows(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True))
-    total = 0
-    for name, n, t, _ in ts:
-        if t:
-            continue
-        module = name.replace(".base_layer", "").removesuffix(".weight")
-        if name.endswith(".weight") and module in rows:
-            codes, state = quantized_bytes(n, cfg.model.quantization, rows[module])
-            total += math.ceil(codes / world) + state
-        else:
-            total += math.ceil(n / world) * BYTES[cfg.model.dtype]
-    return total
-
-
-@functools.lru_cache(maxsize=8)
-def _quantized_rows(model_json: str) -> dict[str, int]:
-    """{module name: output rows} of the layers bitsandbytes quantizes (one meta build per model config)."""
-    from .config import ModelConfig
-    from .model import quantized_modules
-    model = build_meta(ModelConfig(**json.loads(model_json)))
-    out = {}
-    for name in quantized_modules(model):
-        m = model.get_submodule(name)
-        out[name] = getattr(m, "out_features", None) or m.nf  # nn.Linear, or GPT-2 Conv1D
-    return out
-
-
 def _largest_sub_group(ts, world: int, sub_group: int = DS_SUB_GROUP) -> int:
     """Elements of DeepSpeed's fp32 grad buffer: the largest optimizer sub-group's partitions.
 
@@ -243,6 +209,9 @@ def activations(shape: Shape, cfg, lay: Layout) -> dict:
     # softmax (and its dropout) of eager attention; SDPA/flash kernels keep a per-row statistic instead.
     fused = attention(shape, cfg) != "eager"
     per_layer = s * b * h * (15 + 19 * ffn / (4 * h) + (0 if fused else 5 * a * s / h)) * act_b / 2
+    # DoRA (methods/dora.py): each adapted module keeps one more [b, s, rows] tensor, W0 x + s B A x, for m's
+    # gradient; its rows are its magnitude's length (spread over the layers)
+    per_layer += s * b * act_b * sum(n for name, n, _, _ in shape.tensors if name.endswith("lora_magnitude_vector")) / L
     layers = L * per_layer
     if lay.activation_checkpointing:
         # a checkpointed block (0, k, 2k, ...) keeps only its input, the others everything. The peak is the end
@@ -280,14 +249,16 @@ def check_positions(shape: Shape, cfg) -> None:
 DS_WINDOWS = {"prefetch_bucket_size": 50_000_000, "max_live_parameters": 10**9, "max_reuse_distance": 10**9}
 
 
-def gather_windows(shape: Shape, z) -> dict:
+def gather_windows(shape: Shape, z, spare: int = 0) -> dict:
     """ZeRO-3's gather windows (elements), each from the config or sized from the model's unit of work (its
     largest block, or its largest tensor if an embedding is bigger): prefetch the next unit while computing
     this one, at most two units live, keep a unit gathered only for an immediate reuse (the last block's
-    forward runs straight into its backward). Never wider than DeepSpeed's defaults, which decide for big
-    models; below ~1e9 elements a rank holds two blocks instead of the whole base."""
+    forward runs straight into its backward). `spare`: elements a memory budget leaves over (bigadapt/layout.py)
+    widen the live window by that much, prefetch and reuse to all of it but one unit. Never wider than
+    DeepSpeed's defaults, which decide for big models (below ~1e9 elements they keep the whole base)."""
     unit = max(shape.largest_block, _largest_tensor(shape))
-    auto = {"prefetch_bucket_size": unit, "max_live_parameters": 2 * unit, "max_reuse_distance": unit}
+    live = 2 * unit + max(0, spare)
+    auto = {"prefetch_bucket_size": live - unit, "max_live_parameters": live, "max_reuse_distance": live - unit}
     return {k: (min(v, DS_WINDOWS[k]) if getattr(z, k) is None else getattr(z, k)) for k, v in auto.items()}
 
 

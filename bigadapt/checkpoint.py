@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from . import zero
-from .errors import CheckpointError, DivergedError, StorageError
+from . import peft_import, zero
+from .errors import CheckpointError, ConfigError, DivergedError, StorageError
 from .fingerprint import check_fingerprint, fingerprint  # noqa: F401 (callers use checkpoint.fingerprint)
 
 FORMAT = "bigadapt-checkpoint/1"
@@ -271,31 +271,80 @@ def restore(ckpt: Path, model, optimizer, base_fp: dict) -> dict:
     return state
 
 
-def init_from(path: Path, model, base_fp: dict, heads: list[str]) -> Path:
-    """*Collective.* Start every trainable tensor outside the task head from another run's adapter.
+def init_from(path: Path, model, base_fp: dict, heads: list[str], cfg=None) -> Path:
+    """*Collective.* Start every trainable tensor outside the task head from another run's adapter, or from a peft
+    LoRA adapter directory (bigadapt/peft_import.py).
 
-    The source must be on the same base (fingerprint) and hold each of those tensors at the same shape: a
-    partial or reshaped start would silently be another method. The head (and the optimizer) start fresh.
+    The source must be on the same base (fingerprint; a peft adapter has none: its shapes and recorded base id are
+    checked) and hold each of those tensors at the same shape: a partial or reshaped start would silently be another
+    method. The head (and the optimizer) start fresh. `check_init_from` ran all of this but the fingerprint on the
+    meta model before the run directory was touched.
     """
+    if peft_import.is_peft(path):
+        tensors, ckpt = peft_import.convert(path, model, cfg, None), path
+    else:
+        ckpt = _init_source(path)
+        check_fingerprint(verify(ckpt)["base"], base_fp, ckpt)
+        tensors = read_tensors(ckpt, "adapter.safetensors")
+    wanted = _init_wanted(model, heads)
+    _check_init_tensors(path, ckpt, {n: tuple(t.shape) for n, t in tensors.items()}, wanted)
+    for name, p in wanted.items():  # model order: the same collectives on every rank
+        zero.set_master(p, tensors[name])
+    return ckpt
+
+
+def check_init_from(cfg, resume: str | None, overwrite: bool) -> None:
+    """Pre-flight, before any process group or file: `method.init_from` names a bigadapt checkpoint or a peft LoRA
+    adapter that this run's method (built on the meta device) can start from, or one ConfigError line says what
+    differs. Skipped when the run resumes a checkpoint of its own (init_from is then ignored)."""
+    if not cfg.method.init_from:
+        return
+    resuming = resume and resume != "none" and not overwrite
+    if resuming and (resume != "auto" or complete(Path(cfg.run_dir) / "checkpoints")):
+        return
+    from . import accounting, methods, targets
+    from .methods.lora_init import FROM_W0
+    path = Path(cfg.method.init_from)
+    model = accounting.build_meta(cfg.model)
+    methods.apply(model, cfg)
+    if peft_import.is_peft(path):
+        peft_import.convert(path, model, cfg, None)
+        return
+    try:
+        ckpt = _init_source(path)
+        manifest = verify(ckpt)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    _check_init_tensors(path, ckpt, {n: tuple(t["shape"]) for n, t in manifest["tensors"].items()},
+                        _init_wanted(model, targets.head_prefixes(model)), error=ConfigError)
+    theirs = manifest.get("config", {}).get("method", {}).get("lora_init", "kaiming")
+    if theirs != cfg.method.lora_init and {theirs, cfg.method.lora_init} & set(FROM_W0):
+        raise ConfigError(f"method.init_from={str(path)!r}: that run trained on the base that lora_init={theirs} "
+                          f"leaves; the config says method.lora_init={cfg.method.lora_init} — set it to {theirs}")
+
+
+def _init_source(path: Path) -> Path:
     runs = complete(path / "checkpoints")
     ckpt = path if (path / "manifest.json").is_file() else (runs[-1] if runs else None)
     if ckpt is None:
-        raise CheckpointError(f"method.init_from={str(path)!r}: no checkpoint there; give a run directory or "
-                              f"one of its checkpoints/step-N directories")
-    check_fingerprint(verify(ckpt)["base"], base_fp, ckpt)
-    tensors = read_tensors(ckpt, "adapter.safetensors")
-    wanted = [(n, p) for n, p in model.named_parameters()
-              if p.requires_grad and not any(n.startswith(h + ".") for h in heads)]
-    for name, p in wanted:
-        if name not in tensors:
-            raise CheckpointError(f"method.init_from={str(path)!r}: {ckpt.name} has no {name} (it was trained "
-                                  f"with another method or targets); start from a run of the same method")
-        if tuple(tensors[name].shape) != zero.full_shape(p):
-            raise CheckpointError(f"method.init_from={str(path)!r}: {name} is {tuple(tensors[name].shape)} there, "
-                                  f"{zero.full_shape(p)} here; use the same method settings (r, targets)")
-    for name, p in wanted:
-        zero.set_master(p, tensors[name])
+        raise CheckpointError(f"method.init_from={str(path)!r}: no checkpoint there; give a run directory, one of its "
+                              f"checkpoints/step-N directories, or a peft adapter directory (adapter_config.json)")
     return ckpt
+
+
+def _init_wanted(model, heads: list[str]) -> dict:
+    return {n: p for n, p in model.named_parameters()
+            if p.requires_grad and not any(n.startswith(h + ".") for h in heads)}
+
+
+def _check_init_tensors(path: Path, ckpt: Path, shapes: dict, wanted: dict, error=CheckpointError) -> None:
+    for name, p in wanted.items():
+        if name not in shapes:
+            raise error(f"method.init_from={str(path)!r}: {ckpt.name} has no {name} (it was trained with another "
+                        f"method or targets); start from a run of the same method")
+        if shapes[name] != zero.full_shape(p):
+            raise error(f"method.init_from={str(path)!r}: {name} is {shapes[name]} there, {zero.full_shape(p)} "
+                        f"here; use the same method settings (r, targets)")
 
 
 def load_adapter(ckpt: Path, model, base_fp: dict | None = None) -> dict:

@@ -55,6 +55,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.add_argument("--format", choices=["peft"], default="peft")
     e.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    ip = sub.add_parser("import-peft", help="a peft LoRA adapter directory as a bigadapt run directory (the config's "
+                                             "run_dir, step 0), for eval/generate/merge/export/--resume auto")
+    ip.add_argument("peft_dir", help="directory with adapter_config.json and adapter_model.safetensors (or .bin)")
+    ip.add_argument("--config", help="the run config whose base and method the adapter must match")
+    ip.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set method.r=16 (repeatable)")
+    ip.add_argument("--overwrite", action="store_true", help="replace a run already in run_dir")
     m = sub.add_parser("merge", help="write a Hugging Face model directory that serves as is: the adapter merged "
                                      "into the base, config, tokenizer files, generation_config.json")
     m.add_argument("run", help="run directory or checkpoint directory")
@@ -172,6 +179,10 @@ def _dispatch(args) -> int:
         return bench(args)
     if args.command == "analyze":
         return _analyze(args)
+    if args.command == "import-peft":
+        from .config import load_config
+        from .peft_import import import_run
+        return import_run(args.peft_dir, load_config(args.config, args.overrides), args.overwrite)
     from . import export
     if args.command == "export":
         return export.to_peft(args.run, args.out, args.overwrite)

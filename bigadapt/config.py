@@ -36,6 +36,9 @@ class ModelConfig:
     # eager | sdpa | flash_attention_2, passed to transformers; None = transformers' choice (sdpa where torch has
     # it). Eager keeps every layer's b x heads x s x s attention probabilities for backward; the others do not.
     attn_implementation: str | None = None
+    # the qualified name of the ModuleList of transformer blocks (e.g. gpt_neox.layers), for methods that work per
+    # block (adapters, prefixes, ft_top_k); None = found by name for the architectures bigadapt knows
+    blocks: str | None = None
 
 
 @dataclass
@@ -46,6 +49,13 @@ class MethodConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["q", "v"])  # paper names or module-name patterns
     rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+    # per-module rank and alpha, as peft's rank_pattern/alpha_pattern: {module-name pattern: value}; the first
+    # pattern matching a module's name wins, the others keep r / alpha
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    dora: bool = False  # DoRA (Liu et al. 2024): a trained magnitude per output row, LoRA on the direction
+    lora_init: str = "kaiming"  # kaiming (the paper's A) | gaussian | pissa | olora (A, B and W0's residual from W0)
+    lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): B's learning rate = lr_ratio x A's (they suggest 16)
     train_head: bool = True  # a newly created task head (seq_cls) is trained and saved with the adapter
     l_p: int = 0  # prefix tuning: prefix tokens (pre_embed, pre_layer, lora+pe, lora+pl)
     l_i: int = 0  # prefix tuning: infix tokens
@@ -110,6 +120,9 @@ class TrainConfig:
     # stop (eval, save) once this much training time is spent; 0 = none. The clock counts training steps only
     # (not loading, evaluation or saves) and carries over a resume, so a budget means the same work anywhere.
     time_budget_s: float = 0.0
+    # processes per rank that collate the next steps' batches while this one trains (data/prefetch.py);
+    # None = 2 on a GPU, 0 on CPU (the ranks already use every core)
+    data_workers: int | None = None
     eval_at_s: list[float] = field(default_factory=list)  # also evaluate when the training clock passes these
     # copies of metrics.jsonl (always written) for tensorboard (local event files under run_dir/tensorboard, on by
     # default: no account, no network) and wandb (opt-in: an account and an upload, pip install 'bigadapt[wandb]')
@@ -125,7 +138,13 @@ class TrainConfig:
 
 @dataclass
 class ZeroConfig:
-    stage: int | None = None  # None -> 3 with two or more ranks, else 0
+    # 0 | 1 | 2 | 3 (obeyed) | auto: the fastest layout the accounting predicts to fit in memory_budget
+    # (bigadapt/layout.py; with no budget known, the fixed rule) | null: the fixed rule, 3 with two or more
+    # ranks, else 0, whatever the memory
+    stage: int | str | None = "auto"
+    # bytes per device the layout must fit in (an int, or a size such as 70GiB / 80GB, GB read as GiB);
+    # None = the GPU's total memory, or unknown on CPU. Used by stage auto and to size ZeRO-3's gather windows
+    memory_budget: int | str | None = None
     # params smaller than this stay whole on every rank (fewer gathers); None = the DeepSpeed JSON's
     # stage3_param_persistence_threshold if it sets one, else DeepSpeed's 100_000
     param_persistence_threshold: int | None = None
@@ -244,8 +263,16 @@ def _coerce(tp: Any, value: Any, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(inner[0], value, key)
+        for a in inner:  # int | str: the first type the value is
+            try:
+                return _coerce(a, value, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {' or '.join(a.__name__ for a in inner)}, got {value!r} "
+                          f"({type(value).__name__})")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}; write e.g. {key}=[a,b]")

@@ -109,14 +109,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def zero_stage(cfg, world_size: int) -> int:
-    return cfg.zero.stage if cfg.zero.stage is not None else (3 if world_size >= 2 else 0)
+def zero_stage(cfg, world_size: int, shape=None) -> int:
+    """zero.stage as a number: as set; null -> 3 with two or more ranks, else 0; auto -> what bigadapt/layout.py
+    predicts fastest within the memory budget. A run resolves it once (layout.resolve) and passes that on."""
+    if isinstance(cfg.zero.stage, int):
+        return cfg.zero.stage
+    from . import layout
+    return layout.choose(cfg, layout.run_layout(cfg, world_size), shape).stage
 
 
 def ds_config(cfg, world_size: int, accumulation: int, shape=None) -> dict:
     """The DeepSpeed config: bigadapt's keys with the user's `zero.deepspeed_config` merged under them
     (merge_user). `shape` (accounting.Shape, required for ZeRO-3) sizes the reduction bucket and gather windows."""
-    stage = zero_stage(cfg, world_size)
+    if shape is None and cfg.zero.stage == 3:
+        raise ValueError("ds_config: ZeRO-3 needs the model's shape to size its gather windows")
+    if cfg.zero.stage not in (0, 1, 2):
+        # auto, null or 3: the stage and the ZeRO-3 windows layout.py takes (from the memory budget, when known).
+        # A config resolved once already resolves to itself: its windows are explicit then
+        from . import layout
+        cfg = layout.resolve(cfg, layout.run_layout(cfg, world_size), shape)[0]
+    stage = cfg.zero.stage
     check_runnable(cfg, stage)
     if stage == 3 and shape is None:
         raise ValueError("ds_config: ZeRO-3 needs the model's shape to size its gather windows")
@@ -153,7 +165,7 @@ def check_user_config(cfg) -> None:
         return
     top = {k: v for k, v in user.items() if k not in ("zero_optimization", "gradient_accumulation_steps")}
     merge_user(_top(cfg, None), SOFT, top, where=_json_key(cfg))
-    if cfg.zero.stage is not None:
+    if isinstance(cfg.zero.stage, int):  # auto/null: checked once the stage is known (ds_config)
         section = {k: v for k, v in user.get("zero_optimization", {}).items() if k not in WINDOWS}
         zero_section(cfg, cfg.zero.stage, None, {"zero_optimization": section})
 
@@ -291,14 +303,25 @@ def _aio_available() -> bool:
         return False
 
 
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Trainable params only; no decay on biases and norms (the usual AdamW practice)."""
-    decay, no_decay = [], []
+def param_groups(model, weight_decay: float, lr_ratio: float = 1.0, lr: float | None = None) -> list[dict]:
+    """Trainable params only; no decay on biases and norms (the usual AdamW practice). LoRA+ (`lr_ratio` != 1,
+    Hayou et al. 2024): every `lora_B` in groups of its own whose `lr_ratio` the loop multiplies the schedule's lr
+    by (peft's create_loraplus_optimizer also gives 1-D tensors B's rate; here only B, the paper's definition)."""
+    groups = {}  # (decay, is B) -> params
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            decay = not (p.ndim < 2 or name.endswith(".bias"))
+            is_b = lr_ratio != 1.0 and name.rpartition(".")[2] == "lora_B"
+            groups.setdefault((decay, is_b), []).append(p)
+    out = []
+    for is_b in (False, True):
+        for decay in (True, False):
+            if groups.get((decay, is_b)):
+                ratio = lr_ratio if is_b else 1.0
+                g = {"params": groups[(decay, is_b)], "weight_decay": weight_decay if decay else 0.0,
+                     "lr_ratio": ratio}
+                out.append(g if lr is None else dict(g, lr=lr * ratio))
+    return out
 
 
 def uniform_working_dtype(model, cfg) -> None:
@@ -318,7 +341,7 @@ def uniform_working_dtype(model, cfg) -> None:
 def initialize(model, cfg, conf: dict):
     import deepspeed
     uniform_working_dtype(model, cfg)
-    groups = param_groups(model, cfg.train.weight_decay)
+    groups = param_groups(model, cfg.train.weight_decay, cfg.method.lr_ratio, cfg.train.lr)
     fused = torch.cuda.is_available()
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                                   eps=cfg.train.adam_eps, fused=fused or None, foreach=None if fused else True)

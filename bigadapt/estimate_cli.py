@@ -2,30 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import re
 
 from rich.console import Console
 from rich.table import Table
 
-from . import accounting
+from . import accounting, layout
 from .accounting import GIB, Layout
 from .config import load_config
-from .engine import zero_stage
 from .errors import ConfigError
-
-SIZE = re.compile(r"^\s*([\d.]+)\s*(GB|GIB|G|MB|MIB|M|TB|TIB|T)?\s*$", re.I)
-# GPU makers' "80GB" is ~80 GiB of memory (an H100 80GB reports 79.6 GiB): GB is read as GiB here
-UNITS = {"": GIB, "g": GIB, "gb": GIB, "gib": GIB, "m": 2**20, "mb": 2**20, "mib": 2**20,
-         "t": 2**40, "tb": 2**40, "tib": 2**40}
-
-
-def parse_size(text: str, flag: str = "--gpu-memory") -> int:
-    m = SIZE.match(text)
-    if not m:
-        raise ConfigError(f"{flag}={text!r}: write a size such as 80GB, 80GiB or 141GB")
-    return int(float(m.group(1)) * UNITS[(m.group(2) or "").lower()])
+from .layout import parse_size  # noqa: F401  (re-exported: bigadapt.jobs reads sizes with it)
 
 
 def add_args(p) -> None:
@@ -34,7 +22,9 @@ def add_args(p) -> None:
                    help="override a config value, e.g. --set train.micro_batch=4 (repeatable)")
     p.add_argument("--nodes", type=int, default=1, help="nodes of the planned run")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node")
-    p.add_argument("--gpu-memory", help="per GPU, e.g. 80GB: adds 'fits?' and the fewest GPUs that fit")
+    p.add_argument("--world", type=int, help="ranks in all (default: nodes x gpus-per-node)")
+    p.add_argument("--gpu-memory", help="per GPU, e.g. 80GB: adds 'fits?', the fewest GPUs that fit, and the layout "
+                                        "zero.stage auto takes (default: zero.memory_budget)")
     p.add_argument("--micro-batch", type=int, help="default: train.micro_batch")
     p.add_argument("--seq-len", type=int, help="default: data.seq_len")
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
@@ -46,21 +36,37 @@ def add_args(p) -> None:
 
 def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    for key in ("nodes", "gpus_per_node", "micro_batch", "seq_len"):
+    for key in ("nodes", "gpus_per_node", "world", "micro_batch", "seq_len"):
         value = getattr(args, key)
         if value is not None and value < 1:
             raise ConfigError(f"--{key.replace('_', '-')}={value}: must be at least 1")
-    world = args.nodes * args.gpus_per_node
+    world = args.world or args.nodes * args.gpus_per_node
     ac = cfg.train.activation_checkpointing if args.activation_checkpointing is None else args.activation_checkpointing
-    lay = Layout(world, zero_stage(cfg, world), args.micro_batch or cfg.train.micro_batch,
+    lay = Layout(world, 3, args.micro_batch or cfg.train.micro_batch,
                  args.seq_len or cfg.data.seq_len, ac, checkpoint_every=cfg.train.checkpoint_every)
     budget = parse_size(args.gpu_memory) if args.gpu_memory else None
-    est = accounting.estimate(cfg, lay, budget, args.fit)
+    choice = _choose(cfg, lay, budget)
+    lay.stage = choice.stage
+    cfg = layout.with_zero(cfg, stage=choice.stage, **(choice.windows or {}))  # what the run would give DeepSpeed
+    est = accounting.estimate(cfg, lay, budget or choice.budget, args.fit)
+    est["zero_stage"] = choice.record()
     if args.json:
         print(json.dumps(est, indent=1))
     else:
         report(est, args.gpus_per_node, budget)
     return 0
+
+
+def _choose(cfg, lay: Layout, budget: int | None) -> layout.Choice:
+    """The layout a run would take (layout.choose) with --gpu-memory as its budget. Where zero.stage auto finds
+    nothing that fits, the estimate still prints the fixed rule's rows, with the run's refusal as its line."""
+    where = "--gpu-memory" if budget else ""
+    try:
+        return layout.choose(cfg, lay, budget=budget, budget_from=where)
+    except ConfigError as e:
+        choice = layout.choose(layout.with_zero(cfg, stage=None), lay, budget=budget, budget_from=where)
+        return dataclasses.replace(choice, requested="auto", reason=f"zero.stage auto: a run refuses this: {e}",
+                                   windows=None)
 
 
 def _offload_note(offload: dict) -> str:
@@ -85,6 +91,7 @@ def _gib(b: int) -> str:
 def report(est: dict, gpus_per_node: int, budget: int | None) -> None:
     con = Console()
     m, f, lay = est["method"], est["full_finetune"], est["layout"]
+    con.print(est["zero_stage"]["reason"], highlight=False)
     con.print(f"[bold]{m['name']}[/]: {m['trainable']:,} trainable of {m['params_total']:,} "
               f"({m['trainable_pct']:.4f}%); {lay['world']} ranks, ZeRO stage {lay['stage']}, "
               f"micro-batch {lay['micro_batch']} x {lay['seq_len']} tokens"

@@ -2,8 +2,9 @@
 
 PEFT has no per-slice LoRA on a fused projection, so GPT-2's q,v-only `c_attn` LoRA is written as a
 c_attn LoRA of rank k*r whose B is block-structured (zero rows for the disabled k slice): the same
-delta, exactly. Scaling is carried by a per-module alpha (alpha_pattern), so rsLoRA and fused ranks load
-with the scaling they were trained with.
+delta, exactly. Rank and scaling are carried per module (rank_pattern, alpha_pattern keyed by each module's
+full name), so method.rank_pattern/alpha_pattern, rsLoRA and fused ranks load with the r and scaling they were
+trained with. DoRA writes `use_dora` and each module's `lora_magnitude_vector` over its whole output.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from . import fingerprint as fp
 from . import model as base_model
 from .config import config_from_dict
 from .errors import CheckpointError
+from .export_init import to_original_base
+from .methods.dora import DoRA
 from .methods.lora import lora_modules
 
 PEFT_TASK = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
@@ -126,8 +129,11 @@ def to_peft(path: str | Path, out: str | Path, overwrite: bool = False) -> int:
         rank = m.lora_A.shape[0]
         tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = _full_B(m)
+        if isinstance(m, DoRA):  # peft's key has no ".weight"; a disabled fused slice's rows keep their own norm
+            tensors[f"base_model.model.{name}.lora_magnitude_vector"] = m.full_magnitude()
         rank_pattern[name], alpha_pattern[name] = rank, m.scaling * rank
         fan_in_fan_out |= m.fan_in_fan_out
+    to_original_base(path, cfg, tensors, rank_pattern, alpha_pattern)  # PiSSA/OLoRA: a plain LoRA on W0 (rank 2r)
     # every weight no base file holds, trained or drawn from the run's seed: without it a peft user gets another model
     heads = targets.head_prefixes(model)
     for n, p in model.named_parameters():
@@ -140,7 +146,7 @@ def to_peft(path: str | Path, out: str | Path, overwrite: bool = False) -> int:
         "lora_alpha": alpha_pattern[first], "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "target_modules": sorted(rank_pattern), "lora_dropout": cfg.method.dropout, "bias": "none",
         "fan_in_fan_out": fan_in_fan_out, "modules_to_save": heads or None, "use_rslora": False,
-        "init_lora_weights": True, "inference_mode": True,
+        "init_lora_weights": True, "inference_mode": True, "use_dora": bool(cfg.method.dora),
     }
     save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))

@@ -7,21 +7,33 @@ function of the step too (`lr_at`), so a resume needs no scheduler state.
 from __future__ import annotations
 
 import math
+import os
 import signal
+import sys
 import time
 
 import torch
 
 from . import checkpoint, display, evaluate, methods, objectives, records, zero
 from .config import RunConfig
+from .data import prefetch
 from .data.batching import collate, count_targets
 from .errors import DivergedError
 from .tracking import Trackers
+
+# Fault injection for tests that signal a run mid-flight (SLURM preemption): seconds slept after every step, so
+# the run cannot finish before the signal lands however fast the machine is. Unset in real runs.
+STEP_DELAY = float(os.environ.get("BIGADAPT_FAULT_STEP_DELAY", "0"))
 
 # The loss-spike check (train.max_loss_spike) compares a step's loss with an exponential mean of the earlier ones
 # (a plain mean over the first SPIKE_WINDOW): it starts once SPIKE_WARMUP steps have run in this process, since
 # early losses fall fast and a resumed process has no history.
 SPIKE_WARMUP, SPIKE_WINDOW = 10, 20
+
+# A rank whose peak memory passes the prediction made before the run by more than this fraction is warned about
+# at the step it happens, naming the rank: on a GPU the next step may be the one that runs out. The accounting
+# lands within it on the runs it is checked on (docs/accounting.md); beyond it the prediction is wrong.
+MEMORY_TOLERANCE = 0.15
 
 
 class StopRequest:
@@ -37,6 +49,15 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signal = signum
+
+
+def _memory_limit_mb(predicted: dict | None) -> float | None:
+    """The prediction in the units display.memory_mb measures (GPUs report allocated memory, which leaves out the
+    CUDA context that the overhead constant covers), plus the tolerance; None = nothing to watch."""
+    if not predicted or not predicted.get("total"):
+        return None
+    total = predicted["total"] - (predicted.get("framework_overhead", 0) if torch.cuda.is_available() else 0)
+    return total * (1 + MEMORY_TOLERANCE) / 2**20
 
 
 def warmup_steps(cfg: RunConfig, total: int) -> int:
@@ -64,7 +85,7 @@ class Loop:
     clock = staticmethod(time.perf_counter)
 
     def __init__(self, cfg, eng, optimizer, task, sampler, total, run_dir, pad, manifest, train_s=0.0,
-                 marks_done=None, tracker: Trackers | None = None):
+                 marks_done=None, tracker: Trackers | None = None, predicted: dict | None = None):
         self.cfg, self.eng, self.optimizer, self.task = cfg, eng, optimizer, task
         self.sampler, self.total, self.run_dir, self.pad = sampler, total, run_dir, pad
         self.manifest = manifest
@@ -80,6 +101,7 @@ class Loop:
         # the divergence guard's view (_guard): steps DeepSpeed skipped (in all, and in a row), the loss's level
         self.skipped, self.skipped_in_row, self.applied = 0, 0, True
         self.loss_level, self.losses_seen = 0.0, 0
+        self.memory_limit_mb = _memory_limit_mb(predicted)
 
     def state(self, step: int) -> dict:
         """*Collective.* What a resume needs besides the tensors. Adam's step count and the fp16 loss scaler
@@ -99,6 +121,8 @@ class Loop:
             bar.start()
         # every run step is one optimizer step, unless DeepSpeed skipped it: what a resume's Adam count lacks
         self.skipped = start - zero.optimizer_step(self.optimizer)
+        batches = prefetch.step_batches(self.cfg, self.task, self.sampler, self.pad, self.rank, self.world, start,
+                                        self.total)
         try:
             for step in range(start, self.total):
                 preempted, over, marks = self._agree(stop)  # every rank stops and evaluates at the same boundary
@@ -111,14 +135,19 @@ class Loop:
                     self.marks_done = marks
                     self.evaluate(step)
                 # gathers in steady state: DeepSpeed prefetches along the trace it records in the first two steps
-                record = self.step(step, watch=start + 2 <= step < start + 4)
+                record = self.step(step, next(batches), watch=start + 2 <= step < start + 4)
                 self._guard(record)  # raises DivergedError on every rank before anything is saved from the step
                 done = step + 1
+                if STEP_DELAY:
+                    time.sleep(STEP_DELAY)
                 if bar:
                     bar.update(0, completed=done, eta=eta.text(done),
                                info=f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
                                     f"{record['tokens_per_s']:.0f} tok/s")
+                self._watch_memory(record, done)
                 if t.log_every and (done % t.log_every == 0 or done == self.total):
+                    # *Collective* (every rank logs at the same steps): the largest rank's peak, not rank 0's
+                    record["mem_mb_max"] = zero.all_reduce_max_list([record["mem_mb"]])[0]
                     self._log(record, f"eta={eta.text(done)}")
                 if t.eval_every and done % t.eval_every == 0 and done < self.total:
                     self.evaluate(done)
@@ -130,6 +159,15 @@ class Loop:
             if bar:
                 bar.stop()
 
+    def _watch_memory(self, record: dict, done: int) -> None:
+        """Warn once per process, on the rank it happens to, when its peak passes the prediction (MEMORY_TOLERANCE)."""
+        if self.memory_limit_mb is None or record["mem_mb"] <= self.memory_limit_mb:
+            return
+        limit, self.memory_limit_mb = self.memory_limit_mb, None
+        print(f"bigadapt: warning: rank {self.rank} at step {done}: peak memory {record['mem_mb']:.0f} MiB is above "
+              f"the prediction + {MEMORY_TOLERANCE:.0%} ({limit:.0f} MiB); check `bigadapt estimate` for this config "
+              f"and docs/accounting.md before a larger run relies on it", file=sys.stderr, flush=True)
+
     def _agree(self, stop: StopRequest) -> tuple[bool, bool, int]:
         """*Collective.* (preempted?, budget spent?, eval marks passed) as the most advanced rank sees them:
         a signal may reach one rank only and clocks differ a little, but every rank must stop, save or
@@ -140,7 +178,9 @@ class Loop:
         signal, over, marks = zero.all_reduce_max_list([stop.signal is not None, over, marks])
         return bool(signal), bool(over), int(marks)
 
-    def step(self, step: int, watch: bool = False) -> dict:
+    def step(self, step: int, prepared: dict, watch: bool = False) -> dict:
+        """One optimizer step on `prepared`, this rank's share of the step's global batch (data/prefetch.py)."""
+        assert prepared["step"] == step, (prepared["step"], step)  # the stream and the loop must never drift
         t0 = self.clock()
         if self.gathered:
             self.gathered.active = watch
@@ -148,14 +188,13 @@ class Loop:
         torch.manual_seed(self.cfg.train.seed * 1_000_003 + step * 4099 + self.rank)
         lr = lr_at(step, self.cfg, self.total)
         for group in zero.torch_optimizer(self.optimizer).param_groups:
-            group["lr"] = lr
-        examples = [self.task.train[i] for i in self.sampler.global_indices(step)]
-        n_terms = count_targets(examples, self.task.objective)
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+: B's groups run at lr_ratio x the schedule
+        n_terms = prepared["n_terms"]
         # engine.backward divides by accumulation steps and the all-reduce averages over ranks: undo both
         scale = self.world * self.eng.gradient_accumulation_steps() / n_terms
         loss_sum = 0.0
-        for idx in self.sampler.rank_micro_batches(step, self.rank, self.world, self.cfg.train.micro_batch):
-            batch = self._batch([self.task.train[i] for i in idx])
+        for micro in prepared["micro"]:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in micro.items()}
             labels = batch.pop("labels")
             loss = objectives.loss_sum(self.eng(**batch).logits, labels, self.task.objective,
                                        self.cfg.train.label_smoothing)
@@ -168,7 +207,7 @@ class Loop:
         self.applied = self.eng.was_step_applied()
         norm = self.eng.get_global_grad_norm()  # None where DeepSpeed computes none (fp32 without ZeRO)
         total_loss = zero.all_reduce_sum([loss_sum])[0] / n_terms
-        tokens = sum(len(e["input_ids"]) for e in examples)
+        tokens = prepared["tokens"]
         dt = self.clock() - t0
         self.train_s += dt
         record = {"step": step + 1, "loss": total_loss, "lr": lr, "samples": (step + 1) * self.cfg.train.batch_size,

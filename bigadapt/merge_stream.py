@@ -2,7 +2,8 @@
 
 The model exists only as a skeleton on the meta device (names, shapes, dtypes) with the method injected into it
 and the trained tensors loaded; every base tensor is read from its shard, folded by the method's own wrapper
-(`LoRA.merge`, `SliceBias.merge`: the very code the in-memory merge runs, so the result is the same bit for bit),
+(`LoRA.merge`, `DoRA.merge`, `SliceBias.merge`: the very code the in-memory merge runs, so the result is the same
+bit for bit; DoRA's magnitude is one of the trained tensors loaded into the skeleton),
 written, and dropped. Output shards keep the base's file names and layout; the task head (and any module the
 base lacked) goes into the last one. Peak memory: the adapter, the skeleton's trained tensors and about three
 copies of the largest tensor (read, its fp32 delta, the sum), whatever the shard size.
@@ -27,6 +28,7 @@ from . import checkpoint, methods, targets
 from . import fingerprint as fp
 from . import model as base_model
 from .errors import BigadaptError
+from .methods import lora_init
 
 # methods whose module-level merge is exactly "each wrapper's merge" plus trained base tensors kept as trained
 STREAMED = ("lora", "bitfit", "full", "ft_top_k")
@@ -260,6 +262,7 @@ class _Folder:
         for k, p in metas:
             real = self.reader.get(self.plan.file_of[f"{owner}.{k}"]).to(p.dtype)
             setattr(layer, k, nn.Parameter(real, requires_grad=False))
+        lora_init.rebuild_residual(wrapper)  # PiSSA/OLoRA trained on W0's residual: rebuild it before the merge
         wrapper.merge(1.0)
         folded = {f"{owner}.{k}": getattr(layer, k).detach() for k, _ in metas}
         for k, p in metas:

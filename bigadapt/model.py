@@ -63,7 +63,9 @@ def build_base(mcfg, seed: int) -> nn.Module:
     auto = _auto_class(mcfg.objective)
     dtype = DTYPES[mcfg.dtype]
     if mcfg.quantization != "none":
-        return _build_quantized(mcfg, config, auto, dtype, seed)
+        model = _build_quantized(mcfg, config, auto, dtype, seed)
+        targets.mark_blocks(model, mcfg.blocks)
+        return model
     if mcfg.name_or_path:
         model = from_pretrained(auto, mcfg.name_or_path, config=config, dtype=dtype,
                                 trust_remote_code=mcfg.trust_remote_code)
@@ -72,6 +74,7 @@ def build_base(mcfg, seed: int) -> nn.Module:
         model = auto.from_config(config, dtype=dtype, trust_remote_code=mcfg.trust_remote_code)
         random_init(model, seed, None)
     model.train()  # from_pretrained returns eval mode; training mode is what every method expects
+    targets.mark_blocks(model, mcfg.blocks)  # model.blocks: where per-block methods find the blocks
     return model
 
 
@@ -259,8 +262,11 @@ def build_meta(mcfg) -> nn.Module:
     network, so estimates work on a laptop; loading the weights for training still uses name_or_path.
     """
     config = hf_config(dataclasses.replace(mcfg, name_or_path=None) if mcfg.arch else mcfg)
+    from . import targets
     with torch.device("meta"), _objective_errors(mcfg, config):
-        return _auto_class(mcfg.objective).from_config(config, dtype=DTYPES[mcfg.dtype])
+        model = _auto_class(mcfg.objective).from_config(config, dtype=DTYPES[mcfg.dtype])
+    targets.mark_blocks(model, mcfg.blocks)
+    return model
 
 
 @contextlib.contextmanager

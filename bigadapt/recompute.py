@@ -79,7 +79,11 @@ def enable(model: nn.Module, tcfg, stage: int, wrap: bool = False) -> list[int]:
     wrapper even where transformers' switch exists (tests)."""
     if not tcfg.activation_checkpointing:
         return []
-    _, blocks = targets.layer_list(model)
+    try:
+        _, blocks = targets.layer_list(model)
+    except ConfigError as e:  # checkpointing is per block: say which switch asked for them
+        raise ConfigError(f"{e} (train.activation_checkpointing checkpoints per block), or set "
+                          f"train.activation_checkpointing=false") from None
     chosen = checkpointed(len(blocks), tcfg.checkpoint_every)
     use_reentrant = reentrant(tcfg, stage)
     native = all(hasattr(b, "gradient_checkpointing") for b in blocks) and model.supports_gradient_checkpointing

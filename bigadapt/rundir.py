@@ -34,7 +34,7 @@ FREE_KEYS = ("run_dir", "train.eval_every", "train.save_every", "train.log_every
              "train.track", "train.wandb_project", "train.max_steps", "train.epochs", "train.time_budget_s",
              "train.eval_at_s", "train.micro_batch", "method.init_from", "zero", "train.max_loss_spike",
              "train.max_skipped_steps", "train.activation_checkpointing", "train.checkpoint_every",
-             "train.checkpoint_reentrant", "model.attn_implementation")
+             "train.checkpoint_reentrant", "model.attn_implementation", "train.data_workers")
 
 
 # ---------------------------------------------------------------- the lock

@@ -34,6 +34,7 @@ from .config import RunConfig, check_world, dump_config
 from .data import build_task
 from .data.batching import StepSampler
 from .errors import EXIT_DIVERGED, EXIT_PREEMPTED, DivergedError
+from .layout import resolve, run_layout
 from .loop import Loop, StopRequest
 from .tracking import Trackers
 
@@ -42,18 +43,22 @@ def run(cfg: RunConfig, resume: str | None = None, overwrite: bool = False, allo
     # the meta-device copy finds bad targets before any process or file exists, and feeds the accounting
     shape, _ = accounting.shapes(cfg)
     accounting.check_positions(shape, cfg)
+    checkpoint.check_init_from(cfg, resume, overwrite)  # an unusable method.init_from: refused before any file
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accumulation = check_world(cfg, world)
-    recompute.check_runnable(cfg, engine.zero_stage(cfg, world))  # one line, before any process group
-    engine.check_runnable(cfg, engine.zero_stage(cfg, world))  # offload DeepSpeed or this machine cannot run
+    # zero.stage auto/null decided once (layout.py; a budget nothing fits in is refused here); the run uses that
+    # config, config.yaml keeps what the user wrote, so a resume on another world size decides again
+    written, (cfg, choice) = cfg, resolve(cfg, run_layout(cfg, world), shape)
+    recompute.check_runnable(cfg, cfg.zero.stage)  # one line, before any process group
+    engine.check_runnable(cfg, cfg.zero.stage)  # offload DeepSpeed or this machine cannot run
     # the run's own levers (checkpointing, every k-th block), so measured and predicted compare like with like
-    layout = accounting.Layout(world, engine.zero_stage(cfg, world), cfg.train.micro_batch, cfg.data.seq_len,
-                               cfg.train.activation_checkpointing, device="gpu" if torch.cuda.is_available() else "cpu",
-                               checkpoint_every=cfg.train.checkpoint_every)
+    layout = run_layout(cfg, world)
+    layout.stage = cfg.zero.stage
     predicted = accounting.per_rank(shape, cfg, layout)
     stop = StopRequest()
     launcher.register_rank()  # a wrapper (bigadapt launch) may pass stop signals on from here
     engine.init_distributed()
+    display.log(choice.reason)
     run_dir = Path(cfg.run_dir)
     lock = rundir.claim(run_dir)  # held for the run's life: a second run on this directory is refused
     try:
@@ -63,7 +68,7 @@ def run(cfg: RunConfig, resume: str | None = None, overwrite: bool = False, allo
             lock.release(refused=True)  # a refused run leaves no directory it made
         raise
     try:
-        _first_writes(cfg, overwrite, layout, predicted, started)
+        _first_writes(written, overwrite, {"layout": vars(layout), "zero_stage": choice.record()}, predicted, started)
         return _start(cfg, started, stop, predicted)
     finally:
         if lock:
@@ -100,7 +105,7 @@ def _prepare(cfg: RunConfig, resume, overwrite, allow_change, world, accumulatio
         resumed = checkpoint.restore(ckpt, eng.module, optimizer, base_fp)
     elif cfg.method.init_from:
         source = checkpoint.init_from(Path(cfg.method.init_from), eng.module, base_fp,
-                                      targets.head_prefixes(eng.module))
+                                      targets.head_prefixes(eng.module), cfg)
         display.log(f"method tensors start from {source} (task head fresh)")
 
     task = build_task(cfg, eng.module.config.vocab_size)  # a bad data file is refused here, on every rank
@@ -111,14 +116,15 @@ def _prepare(cfg: RunConfig, resume, overwrite, allow_change, world, accumulatio
                 rank=rank, accumulation=accumulation, stage=engine.zero_stage(cfg, world))
 
 
-def _first_writes(cfg: RunConfig, overwrite: bool, layout, predicted: dict, s: dict) -> None:
-    """*Collective.* Every check has passed: only now does the run directory change."""
+def _first_writes(cfg: RunConfig, overwrite: bool, layout: dict, predicted: dict, s: dict) -> None:
+    """*Collective.* Every check has passed: only now does the run directory change. `cfg` as the user wrote it
+    (zero.stage auto stays auto); `layout`: the Layout and the stage taken, with why (layout.Choice.record)."""
     run_dir, start = Path(cfg.run_dir), s["resumed"].get("step", 0)
     if s["rank"] == 0:
         if overwrite:
             rundir.clear_for_overwrite(run_dir)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-        (run_dir / "estimate.json").write_text(json.dumps({"layout": vars(layout), "per_rank": predicted}, indent=1))
+        (run_dir / "estimate.json").write_text(json.dumps({**layout, "per_rank": predicted}, indent=1))
         checkpoint.clean_stale(run_dir / "checkpoints")
         _trim_metrics(run_dir / "metrics.jsonl", start)
         if s["task"].label_names is not None:  # what the classifier's ids mean, for whoever uses the adapter
@@ -144,7 +150,8 @@ def _start(cfg: RunConfig, s: dict, stop: StopRequest, predicted: dict) -> int:
     total = cfg.train.max_steps or max(1, math.floor(cfg.train.epochs * sampler.steps_per_epoch))
     tracker = Trackers(cfg.train.track, run_dir, start, cfg.to_dict(), s["rank"])
     loop = Loop(cfg, eng, optimizer, task, sampler, total, run_dir, base_model.pad_id(eng.module), s["manifest"],
-                train_s=resumed.get("train_s", 0.0), marks_done=resumed.get("marks_done"), tracker=tracker)
+                train_s=resumed.get("train_s", 0.0), marks_done=resumed.get("marks_done"), tracker=tracker,
+                predicted=predicted)
     try:
         return _train_and_save(loop, start, stop, predicted, holdings)
     finally:

@@ -9,6 +9,7 @@ def validate(cfg: RunConfig) -> None:
     """Value checks that need no model, no files and no process group."""
     from . import methods, tracking
     from .data import TASKS
+    from .layout import configured_budget
     from .methods import METHODS
 
     m, me, d, t, z = cfg.model, cfg.method, cfg.data, cfg.train, cfg.zero
@@ -24,6 +25,8 @@ def validate(cfg: RunConfig) -> None:
     _check(len(me.targets) > 0, "method.targets", me.targets, "name at least one target, e.g. [q, v]")
     for key in ("l_p", "l_i", "top_k", "adapter_drop"):
         _check(getattr(me, key) >= 0, f"method.{key}", getattr(me, key), "must be >= 0")
+    _check(me.lr_ratio > 0 and (me.lr_ratio == 1.0 or me.name in ("lora", "qlora", "lora+pe", "lora+pl")),
+           "method.lr_ratio", me.lr_ratio, "LoRA+ (B's lr = lr_ratio x A's): a ratio > 0 (e.g. 16), for a LoRA method")
     methods.validate(me)
     _check(m.quantization in QUANTIZATIONS, "model.quantization", m.quantization,
            f"use one of {', '.join(QUANTIZATIONS)}")
@@ -53,6 +56,8 @@ def validate(cfg: RunConfig) -> None:
     _check(t.clip >= 0, "train.clip", t.clip, "must be >= 0 (0 disables clipping)")
     _check(0 <= t.label_smoothing < 1, "train.label_smoothing", t.label_smoothing, "a probability in [0, 1), e.g. 0.1")
     _check(t.keep_last >= 1, "train.keep_last", t.keep_last, "keep at least 1 checkpoint")
+    _check(t.data_workers is None or t.data_workers >= 0, "train.data_workers", t.data_workers,
+           "must be >= 0 (0 = collate on the training thread), or null for the default")
     _check(t.max_loss_spike == 0 or t.max_loss_spike > 1, "train.max_loss_spike", t.max_loss_spike,
            "0 (off) or a factor > 1 over the running loss, e.g. 5")
     _check(t.max_skipped_steps >= 0, "train.max_skipped_steps", t.max_skipped_steps, "must be >= 0 (0 = never stop)")
@@ -64,7 +69,9 @@ def validate(cfg: RunConfig) -> None:
     _check_recompute(cfg)
     _check(all(x > 0 for x in t.eval_at_s) and list(t.eval_at_s) == sorted(t.eval_at_s), "train.eval_at_s",
            t.eval_at_s, "give increasing training-clock seconds > 0, e.g. [30, 60, 120]")
-    _check(z.stage is None or z.stage in (0, 1, 2, 3), "zero.stage", z.stage, "ZeRO stage must be 0, 1, 2 or 3")
+    _check(z.stage in (None, "auto", 0, 1, 2, 3), "zero.stage", z.stage,
+           "ZeRO stage must be 0, 1, 2, 3, auto (chosen from the memory budget) or null (3 on 2+ ranks, else 0)")
+    configured_budget(z)  # zero.memory_budget: a size such as 80GiB, or bytes
     for key in ("param_persistence_threshold", "prefetch_bucket_size", "max_live_parameters", "max_reuse_distance"):
         _check(getattr(z, key) is None or getattr(z, key) >= 0, f"zero.{key}", getattr(z, key),
                "must be >= 0 elements, or null for the default")
@@ -97,11 +104,11 @@ def _check_offload(cfg: RunConfig) -> None:
     z = cfg.zero
     for key in ("offload_optimizer", "offload_param"):
         _check(getattr(z, key) in OFFLOAD, f"zero.{key}", getattr(z, key), f"use one of {', '.join(OFFLOAD)}")
-    _check(z.offload_param == "none" or z.stage in (None, 3), "zero.offload_param", z.offload_param,
+    _check(z.offload_param == "none" or z.stage in (None, "auto", 3), "zero.offload_param", z.offload_param,
            f"parameter offload needs ZeRO stage 3 (zero.stage={z.stage}); set zero.stage=3 or offload_param=none")
     _check(z.offload_optimizer == "none" or z.stage != 0, "zero.offload_optimizer", z.offload_optimizer,
            "optimizer offload needs ZeRO stage 1, 2 or 3 (zero.stage=0); set zero.stage")
-    _check(z.offload_optimizer != "nvme" or z.stage in (None, 3), "zero.offload_optimizer", z.offload_optimizer,
+    _check(z.offload_optimizer != "nvme" or z.stage in (None, "auto", 3), "zero.offload_optimizer", z.offload_optimizer,
            f"NVMe offload needs ZeRO stage 3 (zero.stage={z.stage}); set zero.stage=3 or offload_optimizer=cpu")
     nvme = "nvme" in (z.offload_optimizer, z.offload_param)
     _check(not nvme or bool(z.nvme_path), "zero.nvme_path", z.nvme_path,

@@ -20,6 +20,17 @@ TINY_LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, 
               "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, the README's command) each test file runs on one worker, so a
+    module's shared run (a module-scoped fixture) is trained once, not once per worker; the SLURM tests of both
+    files share one worker, since they share one set of daemons on fixed localhost ports; GPU tests share one
+    worker too (one device; their memory checks must not see another test's tensors)."""
+    for item in items:
+        group = next((m for m in ("slurm", "gpu") if item.get_closest_marker(m)), item.nodeid.split("::")[0])
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def tiny_config(run_dir: Path, arch: dict = TINY_GPT2, **sections) -> dict:
     """A small, fast, learnable run; `sections` override per section, e.g. train={"max_steps": 4}."""
     cfg = {
@@ -40,13 +51,14 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
-def zero3_engine(**sections):
-    """For scripts the tests launch on several ranks: a ZeRO-3 engine over the tiny config, every tensor
-    partitioned, the method injected (every rank calls this)."""
+def zero3_engine(arch: dict = TINY_GPT2, **sections):
+    """For scripts the tests launch on several ranks: a ZeRO-3 engine over the tiny config (of `arch`), every
+    tensor partitioned, the method injected (every rank calls this)."""
     from bigadapt import accounting, engine, methods, zero
     from bigadapt import model as base_model
     from bigadapt.config import config_from_dict
-    cfg = config_from_dict(tiny_config("unused", zero={"stage": 3, "param_persistence_threshold": 0}, **sections))
+    cfg = config_from_dict(tiny_config("unused", arch=arch, zero={"stage": 3, "param_persistence_threshold": 0},
+                                       **sections))
     engine.init_distributed()
     accumulation = cfg.train.batch_size // (cfg.train.micro_batch * zero.world_size())
     conf = engine.ds_config(cfg, zero.world_size(), accumulation, accounting.shapes(cfg)[0])
@@ -78,9 +90,9 @@ def env() -> dict:
     return e
 
 
-def run_cli(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bigadapt", *args], cwd=REPO, env=env(), capture_output=True,
-                          text=True, timeout=timeout, **kw)
+def run_cli(*args: str, timeout: int = 300, extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bigadapt", *args], cwd=REPO, env=dict(env(), **(extra_env or {})),
+                          capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def _free_port() -> int:
@@ -91,10 +103,17 @@ def _free_port() -> int:
 
 
 def launch(n: int, *args: str, script: str = "launch/train.py", timeout: int = 400,
-           extra_env: dict | None = None) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus n launch/train.py ...`: the real launcher, real ranks, gloo on CPU."""
+           extra_env: dict | None = None, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """n real ranks on gloo: `torchrun --nproc-per-node n script ...` by default, `deepspeed --num_gpus n script ...`
+    with launcher="deepspeed". Both are supported launchers and the ranks run the same code; torchrun is the
+    lighter process tree (the deepspeed runner imports DeepSpeed twice before a rank starts and polls its ranks
+    once a second: ~5 s a launch on 2 cores), so only the tests about the deepspeed launcher itself use it —
+    and CI runs the README's `deepspeed` command verbatim besides."""
     port = str(_free_port())  # the OS's choice: a port derived from the pid can collide with another launch
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", port, script, *args]
+    if launcher == "deepspeed":
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(n), "--master_port", port, script, *args]
+    else:
+        cmd = [str(BIN / "torchrun"), "--nproc-per-node", str(n), "--master-port", port, script, *args]
     return subprocess.run(cmd, cwd=REPO, env=dict(env(), **(extra_env or {})), capture_output=True, text=True,
                           timeout=timeout)
 

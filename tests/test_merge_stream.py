@@ -34,6 +34,9 @@ CASES = [
     ("llama", "bf16", "causal_lm", dict(LORA, targets=["q", "v", "ffn_gate"])),
     ("llama", "fp32", "seq_cls", dict(LORA, targets=["q", "v", "ffn_gate"])),
     ("bert", "fp32", "seq_cls", dict(LORA, targets=["q", "v"])),
+    # W0's residual rebuilt on the skeleton before the merge (PiSSA on fused slices), and DoRA's magnitude
+    ("gpt2", "fp32", "causal_lm", dict(LORA, targets=["q", "v"], lora_init="pissa")),
+    ("llama", "fp32", "causal_lm", dict(LORA, targets=["q", "v"], dora=True)),
 ]
 
 
@@ -72,7 +75,12 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
     return found
 
 
-@pytest.mark.parametrize("arch,dtype,objective,method", CASES, ids=[f"{a}-{d}-{o}-{m['name']}" for a, d, o, m in CASES])
+def _case_id(arch, dtype, objective, method) -> str:
+    variant = method.get("lora_init") or ("dora" if method.get("dora") else "")
+    return "-".join(x for x in (arch, dtype, objective, method["name"], variant) if x)
+
+
+@pytest.mark.parametrize("arch,dtype,objective,method", CASES, ids=[_case_id(*c) for c in CASES])
 def test_streamed_merge_equals_the_in_memory_merge(tmp_path, capsys, arch, dtype, objective, method):
     run = train(tmp_path, arch, dtype, objective, method)
     export.merged(run, tmp_path / "memory", stream=False)

@@ -43,6 +43,8 @@ def apply(model: nn.Module, cfg) -> list[str]:
     The head is the seq_cls classifier and whatever the base checkpoint lacked (`targets.head_prefixes`), for any
     objective: a weight no base file holds is only reproducible if the adapter carries it."""
     model.requires_grad_(False)
+    # model.blocks, for a model not built by model.build_base/build_meta (which stamp it already)
+    tg.mark_blocks(model, getattr(cfg.model, "blocks", None))
     get(cfg.method.name).inject(model, cfg.method)
     if cfg.method.train_head:
         for prefix in tg.head_prefixes(model):

@@ -4,7 +4,9 @@ One adapter maps a sublayer's output h to  h + W_up act(W_down h + b_down) + b_u
 2dr + r + d parameters). W_up and b_up start at zero, so an adapted model starts exactly as its base.
 It is placed by wrapping the module at the paper name `o` (attention output projection) or `ffn_out` (FFN
 output projection), so it acts on the sublayer's output before the block's residual add, in every
-architecture of `targets.py`. Variants, by `method.name`:
+architecture of `targets.py` (in an MoE model, whose experts are no Linear layers, `ffn_out` is the whole MoE
+block's output: `targets.ADAPTER_SITES`). Falcon and Phi run attention and FFN in parallel from one norm per
+block, so AdapterH trains that one there. Variants, by `method.name`:
 
 - `adapter_h` (Houlsby et al. 2019): adapters after `o` and after `ffn_out` of every layer (tanh-GELU, as in
   their released adapter-bert), and the base's LayerNorms inside every block are trained too: two per layer, so
@@ -59,12 +61,13 @@ VARIANTS = {
 class Adapter(nn.Module):
     """The wrapped sublayer followed by a residual bottleneck: h + up(act(down(LN?(h))))."""
 
-    def __init__(self, base: nn.Module, r: int, act: Callable[[], nn.Module], adapter_ln: bool, variant: str):
+    def __init__(self, base: nn.Module, r: int, act: Callable[[], nn.Module], adapter_ln: bool, variant: str,
+                 d: int | None = None):
         super().__init__()
         self.base_layer = base
         self.variant = variant
-        d = _out_features(base)
-        device = "meta" if base.weight.is_meta else None  # meta model: count without allocating
+        d = d or _out_features(base)  # d: the output width of a wrapped sublayer that is no Linear (an MoE block)
+        device = "meta" if next(base.parameters()).is_meta else None  # meta model: count without allocating
         self.adapter_ln = nn.LayerNorm(d, device=device) if adapter_ln else None
         self.adapter_down = nn.Linear(d, r, device=device)  # default (Kaiming-uniform) init
         self.adapter_act = act()
@@ -109,9 +112,10 @@ def inject(model: nn.Module, mcfg) -> list[str]:
         raise ConfigError(f"method.adapter_drop={lowest}: this {tg.model_type(model)} has {len(layers)} layers, "
                           f"so no adapter would remain; choose 0..{len(layers) - 1}")
     wrapped = []
-    for t in tg.resolve(model, list(variant.where), key=f"method.name={mcfg.name}"):
+    for t in tg.adapter_sites(model, list(variant.where), key=f"method.name={mcfg.name}"):
         if _layer_index(t.name, layers_name) >= lowest:
-            _replace(model, t.name, Adapter(t.module, mcfg.r, variant.act, variant.adapter_ln, mcfg.name))
+            d = None if tg._is_linear(t.module) else model.config.hidden_size  # an MoE block maps d -> d
+            _replace(model, t.name, Adapter(t.module, mcfg.r, variant.act, variant.adapter_ln, mcfg.name, d))
             wrapped.append(t.name)
     norms = []
     if variant.train_block_norms:

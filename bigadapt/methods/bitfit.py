@@ -83,11 +83,12 @@ def _all_biases(model: nn.Module) -> list[str]:
 
 def _subset(model: nn.Module) -> list[str]:
     mtype = tg.model_type(model)
-    if mtype not in tg.ARCHS:  # the subset is defined by paper names; without them there is no subset
-        raise ConfigError(f"method.bitfit_subset=true: needs the paper's q/ffn_in names, not mapped for "
+    # the subset is defined by paper names; without both (unmapped, a fused per-head qkv, an MoE FFN) there is none
+    if not all(k in tg.ARCHS.get(mtype, {}) for k in SUBSET):
+        raise ConfigError(f"method.bitfit_subset=true: needs the paper's q and ffn_in matrices, not mapped for "
                           f"{mtype!r}; use bitfit_subset=false")
     names = []
-    for t in tg.resolve(model, [k for k in SUBSET if k in tg.ARCHS[mtype]], key="method.bitfit_subset"):
+    for t in tg.resolve(model, list(SUBSET), key="method.bitfit_subset"):
         if getattr(t.module, "bias", None) is None:
             continue
         if t.slices is None:

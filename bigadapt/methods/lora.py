@@ -1,14 +1,20 @@
-"""LoRA (Hu et al. 2021): h = W0 x + (alpha/r) B A x, with A random, B zero, dropout on the LoRA input only.
+r"""LoRA (Hu et al. 2021): h = W0 x + (alpha/r) B A x, with A random, B zero, dropout on the LoRA input only.
 
 One `LoRA` module wraps a frozen nn.Linear or GPT-2 Conv1D. On a fused projection (GPT-2 `c_attn` = [q|k|v])
 only the enabled slices get a (B_i, A_i) pair; A stacks the enabled A_i as rows, B stacks the B_i.
 The hot path never copies the base weight, skips dropout when p = 0, and multiplies (x A^T) B^T so the
 wide product is never formed. Merging adds the same delta into the base weight explicitly (never as a
 side effect of .eval()), one module at a time, gathered under ZeRO-3.
+
+Per-module rank and alpha (`method.rank_pattern`, `method.alpha_pattern`) follow peft's rule exactly, so an
+exported adapter means the same thing there: each key is a regex that selects a module when
+`re.match(rf"(.*\.)?({key})$", name)` does (the whole name, or its tail after a dot); the first key in the
+dict's order wins, unmatched modules keep `r` / `alpha`. DoRA (`method.dora`) lives in dora.py.
 """
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +22,7 @@ from torch import nn
 
 from .. import targets as tg
 from .. import zero
-from ..errors import BigadaptError
+from ..errors import BigadaptError, ConfigError
 from . import lora_branch
 
 
@@ -77,13 +83,63 @@ class LoRA(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, spans={self.spans}, dropout={self.dropout}"
 
 
-def inject(model: nn.Module, mcfg) -> list[str]:
-    """Wrap every resolved target in a LoRA module; returns the wrapped module names."""
+def validate(mcfg) -> None:
+    """The LoRA keys config.validate does not check (r, alpha, dropout, targets are checked there)."""
+    for key, kind in (("rank_pattern", "a positive integer rank"), ("alpha_pattern", "a positive number")):
+        table = getattr(mcfg, key)
+        if not isinstance(table, dict):
+            raise ConfigError(f"method.{key}={table!r}: give a mapping {{module-name regex: {kind}}}")
+        for pattern, value in table.items():
+            try:
+                re.compile(_peft_regex(pattern))
+            except (re.error, TypeError) as e:
+                raise ConfigError(f"method.{key}: {pattern!r} is not a valid regex ({e}); escape it or fix it") \
+                    from None
+            number = isinstance(value, int) if key == "rank_pattern" else isinstance(value, (int, float))
+            if isinstance(value, bool) or not number or value <= 0:
+                raise ConfigError(f"method.{key}[{pattern!r}]={value!r}: must be {kind}")
+    if mcfg.dora and mcfg.name == "qlora":
+        raise ConfigError("method.dora=true: DoRA needs the base weight's row norms, which a 4/8-bit base does "
+                          "not hold exactly; use method.name=lora on a full-precision base, or method.dora=false")
+
+
+def _peft_regex(key: str) -> str:
+    """peft's get_pattern_key rule (peft/utils/other.py): the key matches the whole name or its tail after a dot."""
+    return rf"(.*\.)?({key})$"
+
+
+def pattern_value(table: dict, name: str, default):
+    """The value of the first key (in the dict's order) whose regex matches the module name, as peft picks it."""
+    for key, value in table.items():
+        if re.match(_peft_regex(key), name):
+            return value
+    return default
+
+
+def inject(model: nn.Module, mcfg, cls: type | None = None) -> list[str]:
+    """Wrap every resolved target in a LoRA module (`cls`: LoRA, or DoRA when method.dora); returns the names."""
+    from . import dora, lora_init
+    cls = cls or (dora.DoRA if mcfg.dora else LoRA)
     found = tg.resolve(model, mcfg.targets)
+    _check_patterns_match(mcfg, [t.name for t in found])
     for t in found:
-        lora = LoRA(t.module, mcfg.r, mcfg.alpha, mcfg.dropout, t.slices, t.n_parts, mcfg.rslora)
+        r = pattern_value(mcfg.rank_pattern, t.name, mcfg.r)
+        alpha = pattern_value(mcfg.alpha_pattern, t.name, mcfg.alpha)
+        lora = cls(t.module, r, alpha, mcfg.dropout, t.slices, t.n_parts, mcfg.rslora)
         _replace(model, t.name, lora)
+        lora_init.init(lora, mcfg.lora_init, t.name)  # gaussian/PiSSA/OLoRA: A, B (and W0's residual) from W0
+        if isinstance(lora, dora.DoRA):  # last: the norm of W0 + s B A as initialised (after any A/B/W0 init)
+            lora.init_magnitude()
     return [t.name for t in found]
+
+
+def _check_patterns_match(mcfg, names: list[str]) -> None:
+    """A pattern that selects no targeted module is a typo (peft only warns): refuse before anything is built."""
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in getattr(mcfg, key):
+            if not any(re.match(_peft_regex(pattern), n) for n in names):
+                raise ConfigError(f"method.{key}: {pattern!r} matches none of the {len(names)} targeted modules "
+                                  f"(e.g. {names[0]!r}); write a regex for a module name or its dotted tail")
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

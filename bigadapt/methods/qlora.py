@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from .. import targets as tg
 from ..errors import BigadaptError, ConfigError
 from . import lora
 
@@ -59,11 +58,7 @@ class QLoRA(lora.LoRA):
 
 def inject(model: nn.Module, mcfg) -> list[str]:
     """lora.inject with the QLoRA wrapper; targets resolve to the quantized Linear4bit/Linear8bitLt layers."""
-    found = tg.resolve(model, mcfg.targets)
-    for t in found:
-        lora._replace(model, t.name, QLoRA(t.module, mcfg.r, mcfg.alpha, mcfg.dropout, t.slices, t.n_parts,
-                                           mcfg.rslora))
-    return [t.name for t in found]
+    return lora.inject(model, mcfg, cls=QLoRA)
 
 
 def merge(model: nn.Module) -> None:

@@ -47,6 +47,7 @@ from .params import (  # noqa: F401
     register_for_loading,
     registered_stage,
     unregister,
+    use_in_forward,
     world_size,
 )
 
@@ -166,15 +167,53 @@ def _unique_bytes(tensors) -> int:
     return total
 
 
-def coalesce_persistent_gather(optimizer) -> None:
+# DeepSpeed releases whose private Stage3 `_post_step(self, timer_names)` gathers `self.persistent_parameters`
+# after the step, as coalesce_persistent_gather assumes (checked by post_step_contract; tests/test_layout.py
+# fails on any other installed release, so an upgrade is looked at instead of silently losing the coalescing)
+COALESCE_VERIFIED = ("0.19.8",)
+
+
+def post_step_contract() -> str | None:
+    """What in the installed DeepSpeed breaks the private contract the coalescing wraps, or None."""
+    import inspect
+
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+    fn = _unwrapped(getattr(Stage3, "_post_step", None))
+    if fn is None:
+        return "DeepSpeedZeroOptimizer_Stage3._post_step is gone"
+    if list(inspect.signature(fn).parameters) != ["self", "timer_names"]:
+        return f"_post_step{inspect.signature(fn)} is not (self, timer_names)"
+    if "self.persistent_parameters[0].all_gather(self.persistent_parameters)" not in inspect.getsource(fn):
+        return "_post_step no longer gathers self.persistent_parameters"
+    if "self._post_step(" not in inspect.getsource(_unwrapped(Stage3.step)):
+        return "step() no longer calls _post_step"
+    return None
+
+
+def _unwrapped(fn):
+    """The function under DeepSpeed's instrument_w_nvtx (a closure over `func`) or functools wrappers."""
+    while fn is not None:
+        code = getattr(fn, "__code__", None)
+        cells = dict(zip(code.co_freevars, fn.__closure__ or ())) if code else {}
+        inner = getattr(fn, "__wrapped__", None) or (cells["func"].cell_contents if "func" in cells else None)
+        if inner is None:
+            return fn
+        fn = inner
+    return fn
+
+
+def coalesce_persistent_gather(optimizer) -> bool:
     """DeepSpeed re-partitions every parameter as each optimizer step begins and, after it, re-gathers the
     persistent ones (below param_persistence_threshold: norms, biases, a LoRA's A and B) with a collective
     call per tensor: ~8 per block per step. This gathers them after each step in one call per dtype instead,
     into a buffer holding only them. Same values; `bigadapt bench peft` counts the calls (98 -> 36 per step
-    on its 6-block GPT-2)."""
+    on its 6-block GPT-2). Only on the DeepSpeed releases it was verified on (COALESCE_VERIFIED): it wraps a
+    private method. Returns whether it did."""
+    import deepspeed
     persistent = getattr(optimizer, "persistent_parameters", None)  # the list DeepSpeed's _post_step gathers
-    if not persistent or not hasattr(optimizer, "_post_step"):  # another DeepSpeed: leave it its own way
-        return
+    if (not persistent or not hasattr(optimizer, "_post_step")  # not ZeRO-3, or nothing persistent
+            or deepspeed.__version__ not in COALESCE_VERIFIED):  # another DeepSpeed: leave it its own way
+        return False
     ours = [p for p in persistent if p.ds_tensor.dtype.is_floating_point and not hasattr(p.ds_tensor, "ds_quant_scale")
             and p.ds_process_group is persistent[0].ds_process_group]
     taken = {id(p) for p in ours}
@@ -189,6 +228,7 @@ def coalesce_persistent_gather(optimizer) -> None:
             _gather_whole(params)
 
     optimizer._post_step = _post_step  # called by the optimizer's step(), after the update
+    return True
 
 
 def _gather_whole(params: list) -> None:

@@ -100,6 +100,15 @@ def gathered(params, modify: bool = False):
         yield rank() == 0 or not modify
 
 
+def use_in_forward(module: torch.nn.Module, param: torch.nn.Parameter) -> None:
+    """Have ZeRO-3 gather `param` (owned by another module, e.g. a wrapped base layer's weight) for `module`'s
+    forward and backward, and release it after: DeepSpeed otherwise gathers a parameter only inside its owner's
+    forward. Only this one module's tensor is gathered. Registering is inert without ZeRO-3 (and works on a model
+    partitioned later by deepspeed.initialize), so it is done unconditionally."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+    register_external_parameter(module, param)
+
+
 def _comm_device() -> torch.device:
     # NCCL moves only GPU tensors; gloo (CPU runs) only host ones
     if world_size() > 1 and dist.get_backend() == "nccl":

@@ -1,0 +1,54 @@
+"""The accounting of a bitsandbytes-quantized frozen base (method qlora): what bitsandbytes keeps per weight, and
+the base's per-rank bytes. Part of the memory accounting (accounting.py), split out as its own concept."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+
+from .model import build_meta
+
+
+def quantized_bytes(numel: int, quantization: str, rows: int) -> tuple[int, int]:
+    """(packed codes, quant state) bytes bitsandbytes keeps for one weight of `numel` elements, `rows` outputs.
+
+    nf4/fp4 with double quantization (what model.bnb_config asks for): two codes per byte; per 64-element
+    block an absmax quantized to one byte; per 256 blocks an fp32 absmax of those; a 16-entry fp32 code
+    book, the 256-entry fp32 nested code book and an fp32 offset. int8: one byte per element and an fp32
+    scale per output row. The codes are the parameter ZeRO-3 partitions; the state rides on it, whole.
+    """
+    if quantization == "int8":
+        return numel, 4 * rows
+    blocks = math.ceil(numel / 64)
+    return math.ceil(numel / 2), blocks + 4 * math.ceil(blocks / 256) + 4 * (16 + 256 + 1)
+
+
+def base_bytes(ts, cfg, world: int, dtype_bytes: int) -> int:
+    """Per-rank bytes of the frozen base when model.quantization is set: quantized layers by
+    `quantized_bytes` (codes split over `world`), everything else (embeddings, norms, head) in the base dtype."""
+    rows = _quantized_rows(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True))
+    total = 0
+    for name, n, t, _ in ts:
+        if t:
+            continue
+        module = name.replace(".base_layer", "").removesuffix(".weight")
+        if name.endswith(".weight") and module in rows:
+            codes, state = quantized_bytes(n, cfg.model.quantization, rows[module])
+            total += math.ceil(codes / world) + state
+        else:
+            total += math.ceil(n / world) * dtype_bytes
+    return total
+
+
+@functools.lru_cache(maxsize=8)
+def _quantized_rows(model_json: str) -> dict[str, int]:
+    """{module name: output rows} of the layers bitsandbytes quantizes (one meta build per model config)."""
+    from .config import ModelConfig
+    from .model import quantized_modules
+    model = build_meta(ModelConfig(**json.loads(model_json)))
+    out = {}
+    for name in quantized_modules(model):
+        m = model.get_submodule(name)
+        out[name] = getattr(m, "out_features", None) or m.nf  # nn.Linear, or GPT-2 Conv1D
+    return out
