@@ -76,7 +76,8 @@ def test_cli_user_errors_exit_2_with_one_line_and_create_nothing(tmp_path, args,
 def test_launcher_user_error_exits_2(tmp_path):
     from .conftest import launch
     cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run", method={"r": -1}))
-    proc = launch(2, "--config", str(cfg), timeout=120)
+    # the README's launcher passes the ranks' exit code on (torchrun reports any failure as 1)
+    proc = launch(2, "--config", str(cfg), timeout=120, launcher="deepspeed")
     assert proc.returncode == 2
     assert proc.stderr.count("bigadapt: error: method.r=-1") + proc.stdout.count("bigadapt: error: method.r=-1") == 1
 

@@ -1,4 +1,5 @@
-"""Real 2-rank DeepSpeed ZeRO-3 on CPU through the `deepspeed` launcher: sharding, frozen base, exact resume."""
+"""Real 2-rank DeepSpeed ZeRO-3 on CPU: sharding, frozen base, exact resume. The shared run goes through the
+`deepspeed` launcher, as the README's command does; the others through torchrun (conftest.launch)."""
 from __future__ import annotations
 
 import json
@@ -17,20 +18,21 @@ pytestmark = pytest.mark.distributed
 STEPS = 8
 
 
-def _run(tmp: Path, name: str, n: int, resume_from: Path | None = None, arch=None, **sections) -> Path:
+def _run(tmp: Path, name: str, n: int, resume_from: Path | None = None, arch=None, launcher: str = "torchrun",
+         **sections) -> Path:
     run_dir = tmp / name
     sections.setdefault("train", {"max_steps": STEPS, "save_every": 4, "keep_last": 5, "lr": 5e-3})
     cfg = write_config(tmp / f"{name}.yaml", tiny_config(run_dir, **({"arch": arch} if arch else {}), **sections))
     if resume_from is not None:  # a run interrupted at `resume_from`: its checkpoint, nothing after
         shutil.copytree(resume_from, run_dir / "checkpoints" / resume_from.name)
     args = ["--config", str(cfg)] + (["--resume", "auto"] if resume_from is not None else [])
-    check(launch(n, *args) if n > 1 else run_cli("train", *args))
+    check(launch(n, *args, launcher=launcher) if n > 1 else run_cli("train", *args))
     return run_dir
 
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory) -> Path:
-    return _run(tmp_path_factory.mktemp("z3"), "a", 2)
+    return _run(tmp_path_factory.mktemp("z3"), "a", 2, launcher="deepspeed")
 
 
 def test_each_rank_holds_half_of_the_frozen_base(two_rank_run):

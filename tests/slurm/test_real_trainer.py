@@ -22,11 +22,12 @@ pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 STEPS = 150
 
 
-def _submit(tmp: Path, name: str, *args: str, **sections) -> tuple[str, Path]:
+def _submit(tmp: Path, name: str, *args: str, extra_env: dict | None = None, **sections) -> tuple[str, Path]:
     run_dir = tmp / name
     sections.setdefault("train", {"max_steps": STEPS, "log_every": 1, "keep_last": 2})
     cfg = write_config(tmp / f"{name}.yaml", tiny_config(run_dir, **sections))
-    proc = run_cli("submit", "--config", str(cfg), "--time", "00:10:00", "--name", f"bigadapt-test-{name}", *args)
+    proc = run_cli("submit", "--config", str(cfg), "--time", "00:10:00", "--name", f"bigadapt-test-{name}", *args,
+                   extra_env=extra_env)  # sbatch exports the submitting environment to the job
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().splitlines()[-1], run_dir
 
@@ -58,7 +59,8 @@ def test_two_nodes_train_one_zero3_world(reference):
 
 
 def test_preempted_job_requeues_and_ends_with_the_same_adapter(reference, tmp_path):
-    job, run_dir = _submit(tmp_path, "preempt", "--nodes", "2")
+    # >= 0.1 s a step: 150 steps take >= 15 s, so the signal sent after step 5 always lands mid-run, on any machine
+    job, run_dir = _submit(tmp_path, "preempt", "--nodes", "2", extra_env={"BIGADAPT_FAULT_STEP_DELAY": "0.1"})
     wait_until(lambda: _last_step(run_dir) >= 5, 300, "training to pass step 5")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # what --signal=B:USR1 sends
     (state,) = wait_job(job, timeout=300)
