@@ -5,7 +5,10 @@ bigadapt's LoRA module under bigadapt's engine; `peft` is huggingface/peft's Lor
 peft user drives it (`peer_engine`). A third side, `floor`, trains only the adapted projections' biases under
 bigadapt's engine: the gradient reaches the same outputs through the same ZeRO-3 gathers, with no adapter
 compute. It is a reference, not a bound: bigadapt's LoRA step measured faster than it in some rounds (its
-all-gathers wait longer; the module trace, and so ZeRO-3's prefetch, differs). Both adapters start from the
+all-gathers wait longer; the module trace, and so ZeRO-3's prefetch, differs). A fourth, `full`, is full
+fine-tuning under bigadapt's engine at the stage bigadapt's LoRA run takes (LoRA/full on one layout). With
+`--stage auto` every bigadapt-engine side chooses its ZeRO layout from `--memory-budget` (bigadapt/layout.py);
+peft under `--peer-config hf` keeps transformers' ZeRO-3 config, which is a stage-3 one. Both adapters start from the
 same A (drawn here, per wrapped module in model order) and B = 0, so the two loss curves must agree step by
 step; at the end each side writes its adapter file as it would for a user (bigadapt: the trainable tensors in
 safetensors; peft: `save_pretrained`) and the bytes are reported.
@@ -21,11 +24,11 @@ import time
 
 import torch
 
-from .. import accounting, engine, methods, objectives, zero
+from .. import accounting, engine, layout, methods, objectives, zero
 from .. import model as base_model
 from ..config import config_from_dict
 from ..display import memory_mb, resident_mb
-from .sides import ARCH_NAMES, add_side_options
+from .sides import ARCH_NAMES, SIDE_NAMES, add_side_options
 
 ARCHS = {
     "gpt2-small": {"model_type": "gpt2", "n_layer": 6, "n_embd": 384, "n_head": 6, "vocab_size": 4096,
@@ -36,8 +39,8 @@ ARCHS = {
 }
 # the same modules on both sides (PEFT has no per-slice LoRA on GPT-2's fused c_attn)
 TARGETS = {"gpt2-small": (["attn.c_attn"], ["c_attn"]), "llama-small": (["q", "v"], ["q_proj", "v_proj"])}
-SIDES = ("bigadapt", "peft", "floor")
-assert tuple(ARCHS) == ARCH_NAMES  # the side options list them without importing torch
+SIDES = ("bigadapt", "peft", "floor", "full")
+assert tuple(ARCHS) == ARCH_NAMES and SIDES == SIDE_NAMES  # the CLI lists them without importing torch
 # the floor side's only trainable tensors: the adapted projection's bias, where LoRA's B adds its output (Llama's
 # q_proj has none: the norm just before it)
 FLOOR = {"gpt2-small": ".attn.c_attn.bias", "llama-small": ".input_layernorm.weight"}
@@ -63,31 +66,69 @@ def side_config(conf: dict, impl: str, peer_config: str, hidden: int) -> dict:
 
 
 def arch(args) -> dict:
+    """The base: the arch's shape, `--layers` blocks and `--hidden` width (heads of 64, LLaMA's FFN 8/3 wide)."""
     a = dict(ARCHS[args.arch])
     if args.layers:
         a["n_layer" if "n_layer" in a else "num_hidden_layers"] = args.layers
+    if args.hidden:
+        heads = max(1, args.hidden // 64)
+        if "n_embd" in a:
+            a.update(n_embd=args.hidden, n_head=heads)
+        else:
+            a.update(hidden_size=args.hidden, num_attention_heads=heads, num_key_value_heads=heads,
+                     intermediate_size=64 * -(-8 * args.hidden // 3 // 64))
     return a
+
+
+def hidden(args) -> int:
+    a = arch(args)
+    return a.get("n_embd") or a["hidden_size"]
+
+
+def budget_value(text):
+    """--memory-budget as zero.memory_budget takes it: bytes (the bench passes resolved budgets so) or a size."""
+    return int(text) if text is not None and str(text).isdigit() else text
+
+
+def run_config(args, world: int, impl: str = "bigadapt", stage=None):
+    """The run config of one side. `stage` overrides --stage (the full side runs at LoRA's chosen stage)."""
+    ours = TARGETS[args.arch][0]
+    windows = accounting.DS_WINDOWS if args.windows == "deepspeed" else {}  # else sized from the model
+    method = {"name": "full"} if impl == "full" else {"r": args.r, "alpha": 2 * args.r, "targets": ours}
+    return config_from_dict({
+        "model": {"arch": arch(args), "objective": "causal_lm"},
+        "method": method,
+        "data": {"seq_len": args.seq_len},  # the accounting's activations (and so stage auto) read it
+        "train": {"batch_size": args.micro_batch * world, "micro_batch": args.micro_batch, "lr": args.lr},
+        "zero": {"stage": args.stage if stage is None else stage, "param_persistence_threshold": args.persistence,
+                 "memory_budget": budget_value(args.memory_budget), **windows},
+    })
+
+
+def side_stage(args, world: int, impl: str):
+    """The stage a side is configured with: peft under transformers' config is ZeRO-3 (that config is a ZeRO-3
+    one); full fine-tuning runs at the stage LoRA's run takes, so that LoRA/full compares one layout."""
+    if args.peer_config == "hf-all" or (impl == "peft" and args.peer_config == "hf"):
+        return 3
+    if impl == "full":
+        cfg = run_config(args, world)
+        return layout.choose(cfg, layout.run_layout(cfg, world)).stage
+    return None
 
 
 def build(args):
     impl = args.impl
     world = zero.world_size()
-    ours, theirs = TARGETS[args.arch]
-    a = arch(args)
-    windows = accounting.DS_WINDOWS if args.windows == "deepspeed" else {}  # else sized from the model
-    cfg = config_from_dict({
-        "model": {"arch": a, "objective": "causal_lm"},
-        "method": {"r": args.r, "alpha": 2 * args.r, "targets": ours},
-        "train": {"batch_size": args.micro_batch * world, "micro_batch": args.micro_batch, "lr": args.lr},
-        "zero": {"stage": args.stage, "param_persistence_threshold": args.persistence, **windows},
-    })
+    theirs = TARGETS[args.arch][1]
+    cfg = run_config(args, world, impl, side_stage(args, world, impl))
     # by default every side runs under the same config, sized from bigadapt's view of the (same) base
     shape = accounting.shapes(cfg)[0]  # before register_for_loading: a meta build under it would be partitioned
+    choice = layout.choose(cfg, layout.run_layout(cfg, world), shape)
     conf = engine.ds_config(cfg, world, 1, shape)
-    conf = side_config(conf, impl, args.peer_config, a.get("n_embd") or a["hidden_size"])
+    conf = side_config(conf, impl, args.peer_config, hidden(args))
     zero.register_for_loading(conf)
     model = base_model.build_base(cfg.model, 0)
-    if impl == "bigadapt":
+    if impl in ("bigadapt", "full"):
         methods.apply(model, cfg)
     elif impl == "floor":
         # no adapter compute, the same gradient path: backward still runs through every layer and ZeRO-3
@@ -101,8 +142,13 @@ def build(args):
                                                  lora_dropout=0.0, fan_in_fan_out=args.arch.startswith("gpt2")))
     same_start(model)
     eng = peer_engine(model, cfg, conf) if impl == "peft" else engine.initialize(model, cfg, conf)[0]
-    predicted = accounting.gather_buffers(shape, cfg, accounting.Layout(world=world, stage=args.stage))
-    return eng, predicted
+    stage = conf["zero_optimization"]["stage"]
+    resolved = layout.with_zero(cfg, stage=stage, **(choice.windows or {}))
+    predicted = accounting.gather_buffers(shape, resolved, accounting.Layout(world=world, stage=stage))
+    plan = {"stage": stage, "stage_reason": choice.reason if impl != "peft" or args.peer_config == "same"
+            else "transformers' documented ZeRO-3 config", "predicted_bytes": choice.predicted.get(stage),
+            "budget_bytes": choice.budget}
+    return eng, predicted, plan
 
 
 def peer_engine(model, cfg, conf: dict):
@@ -169,9 +215,9 @@ def timed_step(eng, x: torch.Tensor) -> tuple[float, float, float]:
 def one_side(args, x: torch.Tensor) -> dict:
     import peft  # noqa: F401  every side loads the same libraries (peft's import alone is ~55 MiB of RSS)
     start_mb = resident_mb()  # the runtime (torch, DeepSpeed, transformers, peft, the process group): alike
-    eng, predicted = build(args)
+    eng, predicted, plan = build(args)
     x = x.to(eng.device)
-    gathered = zero.GatheredPeak(eng.module) if args.stage == 3 else None
+    gathered = zero.GatheredPeak(eng.module) if plan["stage"] == 3 else None
     count = zero.AllGatherCount()
     times, cpu, losses = [], [], []
     for i in range(args.warmup + args.steps):
@@ -196,13 +242,16 @@ def one_side(args, x: torch.Tensor) -> dict:
               "all_gathers_per_step": gathers_per_step,
               # as this rank's allocator saw it: the bench checks the launcher passed --live-memory's setting on
               "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-              **gather_report(gathered, predicted)}
+              **plan, **gather_report(gathered, predicted)}
     results = zero.all_gather_object(result)
     result["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)  # the worst rank decides what fits
     # what the model, adapter, engine and steps added to the runtime
     result["peak_above_start_mb"] = max(r["peak_rss_mb"] - r["start_rss_mb"] for r in results)
     result["median_step_s"] = max(r["median_step_s"] for r in results)
-    result["median_step_cpu_s"] = max(r["median_step_cpu_s"] for r in results)
+    # CPU time summed over the ranks: the work the step costs the machine, whichever rank waits for which (a
+    # rank blocked in a collective uses none; one max would credit a side for moving work between its ranks)
+    result["median_step_cpu_s"] = sum(r["median_step_cpu_s"] for r in results)
+    result["rank_step_cpu_s"] = [r["median_step_cpu_s"] for r in results]
     if gathered:
         result["gathered_peak_bytes"] = max(r["gathered_peak_bytes"] for r in results)
     result["losses"] = [r["losses"] for r in results]

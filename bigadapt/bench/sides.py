@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 ARCH_NAMES = ("gpt2-small", "llama-small")  # bigadapt.bench.peft_step.ARCHS
+SIDE_NAMES = ("bigadapt", "peft", "floor", "full")  # bigadapt.bench.peft_step.SIDES
 
 
 def add_side_options(p: argparse.ArgumentParser) -> None:
@@ -17,9 +18,12 @@ def add_side_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     g.add_argument("--r", type=int, default=8, help="LoRA rank")
     g.add_argument("--lr", type=float, default=1e-4, help="learning rate")
-    g.add_argument("--stage", type=int, default=3, help="ZeRO stage")
+    g.add_argument("--stage", type=stage, default=3, help="ZeRO stage: 0-3, or auto (bigadapt's layout from "
+                   "--memory-budget; peft under --peer-config hf stays at transformers' ZeRO-3)")
+    g.add_argument("--memory-budget", help="zero.memory_budget per rank: a size (2GiB) or bytes; with --stage auto")
     g.add_argument("--persistence", type=int, default=100_000, help="stage3_param_persistence_threshold")
     g.add_argument("--layers", type=int, help="blocks (default: the arch's 6)")
+    g.add_argument("--hidden", type=int, help="width (default: the arch's 384; heads of 64)")
     g.add_argument("--windows", choices=["sized", "deepspeed"], default="sized",
                    help="ZeRO-3 gather windows: sized from the model (bigadapt's default) or DeepSpeed's own")
     g.add_argument("--peer-config", choices=["same", "hf", "hf-all"], default="same",
@@ -28,8 +32,17 @@ def add_side_options(p: argparse.ArgumentParser) -> None:
                         "(hf-all)")
 
 
-SIDE_KEYS = ("arch", "steps", "warmup", "micro_batch", "seq_len", "r", "lr", "stage", "persistence", "layers",
-             "windows", "peer_config")
+SIDE_KEYS = ("arch", "steps", "warmup", "micro_batch", "seq_len", "r", "lr", "stage", "memory_budget",
+             "persistence", "layers", "hidden", "windows", "peer_config")
+
+
+def stage(text: str):
+    """--stage: a ZeRO stage number or `auto`."""
+    if text == "auto":
+        return text
+    if text in ("0", "1", "2", "3"):
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: a ZeRO stage 0-3 or auto")
 
 
 def side_argv(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[str]:

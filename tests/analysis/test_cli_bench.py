@@ -137,3 +137,26 @@ def test_peer_configs_put_transformers_zero3_on_the_right_sides():
         assert z["stage3_max_live_parameters"] == z["stage3_max_reuse_distance"] == 10**9
         assert z["reduce_bucket_size"] == 384 * 384 and z["stage3_prefetch_bucket_size"] == int(0.9 * 384 * 384)
     assert ours["zero_optimization"]["stage3_max_live_parameters"] == 5  # the caller's config is not touched
+
+
+@pytest.mark.distributed
+def test_peft_bench_auto_mode_smoke(tmp_path):
+    """`bench peft --mode auto` for real, as small as it goes: 2 rounds of bigadapt and peft (4 launches of 2
+    ranks). Under a budget of 2 GiB bigadapt keeps the tiny base replicated (stage 2), peft runs transformers'
+    ZeRO-3; the printed table and the JSON carry every row, interval and verdict (no time is asserted)."""
+    out = tmp_path / "peft.json"
+    proc = check(run_cli("bench", "peft", "--mode", "auto", "--memory-budget", "2GiB", "--layers", "1", "--hidden",
+                         "64", "--micro-batch", "1", "--seq-len", "16", "--steps", "2", "--warmup", "1", "--rounds",
+                         "2", "--sides", "bigadapt,peft", "--json-out", str(out), timeout=600))
+    for line in ("│ bigadapt │     2 │", "│     peft │     3 │", "bigadapt/peft                wall ",
+                 "bigadapt/peft                cpu  ", "bigadapt took stage 2 (replicated)", "(target < 0.5)",
+                 "loss curves equal: MET"):
+        assert line in proc.stdout
+    s = json.loads(out.read_text())
+    assert s["sides"] == ["bigadapt", "peft"] and [e["what"] for e in s["ratios"]] == ["bigadapt/peft"]
+    wall = s["ratios"][0]["wall"]
+    assert wall["rounds"] == 2 and wall["low"] < wall["ratio"] < wall["high"] and len(wall["per_round"]) == 2
+    assert s["bigadapt"]["stage"] == 2 and s["peft"]["stage"] == 3 and s["auto"]["budget_bytes"] == 2 * 2**30
+    # the same start and data: the first losses agree on every rank, the curves within the tolerance
+    assert s["curves"]["first_rel_diff"] <= 1e-6 and s["curves"]["equal"]
+    assert s["auto"]["peak_within_budget"] and s["bigadapt"]["peak_rss_mb"] > 0
