@@ -20,15 +20,14 @@ TINY_LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, 
               "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`, the README's command) each test file runs on one worker, so a
-    module's shared run (a module-scoped fixture) is trained once, not once per worker; the SLURM tests of both
-    files share one worker, since they share one set of daemons on fixed localhost ports; GPU tests share one
-    worker too (one device; their memory checks must not see another test's tensors)."""
-    for item in items:
-        group = next((m for m in ("slurm", "gpu") if item.get_closest_marker(m)), item.nodeid.split("::")[0])
-        item.add_marker(pytest.mark.xdist_group(group))
+def pytest_runtest_logreport(report):
+    """With BIGADAPT_TEST_TIMES=FILE, every phase's duration is appended there as a JSON line (all workers append to
+    one file): .ci/run sums it per test file, so the slowest files are known after every CI run."""
+    path = os.environ.get("BIGADAPT_TEST_TIMES")
+    if path:
+        import json
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": report.nodeid, "when": report.when, "s": round(report.duration, 3)}) + "\n")
 
 
 def tiny_config(run_dir: Path, arch: dict = TINY_GPT2, **sections) -> dict:

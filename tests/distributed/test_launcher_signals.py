@@ -36,10 +36,22 @@ def _wait_for_step(run_dir, proc: subprocess.Popen, limit_s: float = 300) -> Non
     pytest.fail("no step logged")
 
 
+def _config(run_dir) -> dict:
+    return tiny_config(run_dir, train={"max_steps": STEPS, "save_every": 1, "keep_last": 2},
+                       zero={"stage": 3, "param_persistence_threshold": 0})
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run both launchers' resumed runs must equal (one launch for both)."""
+    ref = tmp_path_factory.mktemp("signals") / "ref"
+    check(launch(2, "--config", str(write_config(ref.parent / "r.yaml", _config(ref)))))
+    return train_losses(ref)
+
+
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
-def test_sigterm_to_the_launcher_checkpoints_every_rank_and_exits_3(tmp_path, launcher):
-    cfg = tiny_config(tmp_path / "run", train={"max_steps": STEPS, "save_every": 1, "keep_last": 2},
-                      zero={"stage": 3, "param_persistence_threshold": 0})
+def test_sigterm_to_the_launcher_checkpoints_every_rank_and_exits_3(tmp_path, launcher, reference):
+    cfg = _config(tmp_path / "run")
     run_dir = tmp_path / "run"
     path = write_config(tmp_path / "c.yaml", cfg)
     if launcher == "deepspeed":
@@ -66,6 +78,4 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_and_exits_3(tmp_path, la
     assert json.loads((ckpt / "state.json").read_text())["step"] == logged  # at the step boundary
 
     check(launch(2, "--config", str(path), "--resume", "auto"))
-    ref = tmp_path / "ref"
-    check(launch(2, "--config", str(write_config(tmp_path / "r.yaml", dict(cfg, run_dir=str(ref))))))
-    assert train_losses(run_dir) == train_losses(ref)  # bitwise: same world size, exact resume
+    assert train_losses(run_dir) == reference  # bitwise: same world size, exact resume
