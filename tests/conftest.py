@@ -117,6 +117,18 @@ def launch(n: int, *args: str, script: str = "launch/train.py", timeout: int = 4
                           timeout=timeout)
 
 
+def train_each(configs) -> int:
+    """For a script launched on several ranks: `bigadapt train` on each config in turn in these same processes (the
+    launcher and imports paid once; the configs written before the launch, so no rank reads a file another is
+    writing). The first nonzero exit code, else 0."""
+    from bigadapt.cli import main as cli
+    for path in configs:
+        rc = cli(["train", "--config", str(path)])
+        if rc:
+            return rc
+    return 0
+
+
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc

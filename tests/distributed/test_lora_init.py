@@ -17,7 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_GPT2, TINY_LLAMA, check, launch, run_cli, tiny_config, train_losses, write_config
+from tests.conftest import (
+    TINY_GPT2,
+    TINY_LLAMA,
+    check,
+    launch,
+    run_cli,
+    tiny_config,
+    train_each,
+    train_losses,
+    write_config,
+)
 from tests.distributed.test_methods import _eval_loss, _final_eval
 
 pytestmark = pytest.mark.distributed
@@ -56,12 +66,7 @@ def _peft_adapter(root: Path) -> None:
 
 
 def main(root: Path) -> int:
-    from bigadapt.cli import main as cli
-    for case in CASES:
-        rc = cli(["train", "--config", str(root / f"{case}-2.yaml")])
-        if rc:
-            return rc
-    return 0
+    return train_each(root / f"{case}-2.yaml" for case in CASES)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from bigadapt import checkpoint, objectives
 from bigadapt.data import build_task
 from bigadapt.data.batching import collate, count_targets
-from tests.conftest import TINY_GPT2, check, launch, run_cli, tiny_config, train_losses, write_config
+from tests.conftest import TINY_GPT2, check, launch, run_cli, tiny_config, train_each, train_losses, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -60,12 +60,7 @@ def case_config(root: Path, case: str, ranks: int) -> Path:
 def main(root: Path) -> int:
     """Under the launcher: every case in these same ranks, one `bigadapt train` after another. The configs
     were written before the launch: a rank writing a file another rank is reading can hand it a partial one."""
-    from bigadapt.cli import main as cli
-    for case in CASES:
-        rc = cli(["train", "--config", str(root / f"{case}-2.yaml")])
-        if rc:
-            return rc
-    return 0
+    return train_each(root / f"{case}-2.yaml" for case in CASES)
 
 
 @pytest.fixture(scope="module")

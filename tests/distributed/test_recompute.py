@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_GPT2, check, launch, tiny_config, train_losses, write_config
+from tests.conftest import TINY_GPT2, check, launch, tiny_config, train_each, train_losses, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -49,12 +49,7 @@ def case_config(root: Path, case: str) -> Path:
 
 def main(root: Path) -> int:
     """Under the launcher: every case in these same ranks (configs written before the launch)."""
-    from bigadapt.cli import main as cli
-    for case in CASES:
-        rc = cli(["train", "--config", str(root / f"{case}.yaml")])
-        if rc:
-            return rc
-    return 0
+    return train_each(root / f"{case}.yaml" for case in CASES)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import check, launch, tiny_config, train_losses, write_config
+from tests.conftest import check, launch, tiny_config, train_each, train_losses, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -24,12 +24,7 @@ CASES = ("replicated", "partitioned")
 
 
 def main(root: Path) -> int:
-    from bigadapt.cli import main as cli
-    for case in CASES:
-        rc = cli(["train", "--config", str(root / f"{case}.yaml")])
-        if rc:
-            return rc
-    return 0
+    return train_each(root / f"{case}.yaml" for case in CASES)
 
 
 def _stage2_total(cfg_dict: dict) -> int:
