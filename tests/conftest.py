@@ -89,9 +89,17 @@ def env() -> dict:
     return e
 
 
-def run_cli(*args: str, timeout: int = 300, extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bigadapt", *args], cwd=REPO, env=dict(env(), **(extra_env or {})),
-                          capture_output=True, text=True, timeout=timeout, **kw)
+def run_cli(*args: str, timeout: int = 300, extra_env: dict | None = None, fresh: bool = False,
+            **kw) -> subprocess.CompletedProcess:
+    """`python -m bigadapt args` in its own process: forked from a server that has the libraries imported
+    (tests/cli_fork.py says what that skips), or with fresh=True (or any subprocess option in kw) a new
+    interpreter."""
+    call_env = dict(env(), **(extra_env or {}))
+    if fresh or kw or os.environ.get("BIGADAPT_TEST_FRESH_CLI") == "1":
+        return subprocess.run([sys.executable, "-m", "bigadapt", *args], cwd=REPO, env=call_env,
+                              capture_output=True, text=True, timeout=timeout, **kw)
+    from tests import cli_fork
+    return cli_fork.run(list(args), call_env, REPO, timeout, server_env=env())
 
 
 def _free_port() -> int:
@@ -117,16 +125,21 @@ def launch(n: int, *args: str, script: str = "launch/train.py", timeout: int = 4
                           timeout=timeout)
 
 
-def train_each(configs) -> int:
+def train_each(configs, *args: str) -> int:
     """For a script launched on several ranks: `bigadapt train` on each config in turn in these same processes (the
     launcher and imports paid once; the configs written before the launch, so no rank reads a file another is
-    writing). The first nonzero exit code, else 0."""
+    writing), with `args` (e.g. "--resume", "auto") on each. The first nonzero exit code, else 0."""
     from bigadapt.cli import main as cli
     for path in configs:
-        rc = cli(["train", "--config", str(path)])
+        rc = cli(["train", "--config", str(path), *args])
         if rc:
             return rc
     return 0
+
+
+def launch_each(n: int, configs, **kw) -> subprocess.CompletedProcess:
+    """One launch of n ranks training every config in turn (tests/distributed/train_each.py)."""
+    return launch(n, *map(str, configs), script="tests/distributed/train_each.py", **kw)
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -40,7 +40,7 @@ def test_a_run_prints_no_library_noise_and_builds_no_op(tmp_path):
     its shared-memory comm op (unused by training) was JIT-compiled for ~60 s on a fresh machine."""
     cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "run", train={"max_steps": 6},
                                                         zero={"stage": 3, "param_persistence_threshold": 0}))
-    proc = check(run_cli("train", "--config", str(cfg)))
+    proc = check(run_cli("train", "--config", str(cfg), fresh=True))  # a whole process start: imports warn too
     out = proc.stdout + proc.stderr
     assert "FutureWarning" not in out and "is deprecated" not in out
     assert "deepspeed_shm_comm" not in out and "built successfully" not in out

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ..conftest import check, launch, run_cli, tiny_config, train_losses, write_config
+from ..conftest import check, launch_each, run_cli, tiny_config, train_losses, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -16,13 +16,15 @@ def test_offload_trains_like_no_offload(tmp_path):
     DeepSpeed's offload code paths (fp32 partitions and their gradients in host buffers, parameter partitions
     offloaded) run with bigadapt's AdamW and give bit-equal losses, and that the extra host gradient buffer
     optimizer offload keeps is predicted exactly."""
-    losses, reports = {}, {}
-    for name, offload in {"none": {}, "optimizer": {"offload_optimizer": "cpu"},
-                          "both": {"offload_optimizer": "cpu", "offload_param": "cpu"}}.items():
+    losses, reports, configs = {}, {}, []
+    variants = {"none": {}, "optimizer": {"offload_optimizer": "cpu"},
+                "both": {"offload_optimizer": "cpu", "offload_param": "cpu"}}
+    for name, offload in variants.items():
+        configs.append(write_config(tmp_path / f"{name}.yaml", tiny_config(tmp_path / name, train={"max_steps": 4},
+                                    zero={"stage": 3, "param_persistence_threshold": 0, **offload})))
+    check(launch_each(2, configs, extra_env={"OMP_NUM_THREADS": "1"}))  # the three runs in the same two ranks
+    for name in variants:
         run_dir = tmp_path / name
-        cfg = write_config(tmp_path / f"{name}.yaml", tiny_config(run_dir, train={"max_steps": 4}, zero={
-            "stage": 3, "param_persistence_threshold": 0, **offload}))
-        check(launch(2, "--config", str(cfg), extra_env={"OMP_NUM_THREADS": "1"}))
         losses[name] = train_losses(run_dir)
         reports[name] = json.loads((run_dir / "accounting.json").read_text())
     assert len(losses["none"]) == 4 and losses["optimizer"] == losses["none"] == losses["both"]

@@ -4,6 +4,8 @@ stage 0, a resume with a larger max_steps, and the checkpoint loaded on the CPU 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,18 @@ from safetensors.torch import load_file
 
 from bigadapt import checkpoint
 from bigadapt.export import load_trained
-
-from ..conftest import TINY_GPT2, TINY_LLAMA, check, launch, run_cli, tiny_config, train_losses, write_config
+from tests.conftest import (
+    REPO,
+    TINY_GPT2,
+    TINY_LLAMA,
+    check,
+    env,
+    launch,
+    tiny_config,
+    train_each,
+    train_losses,
+    write_config,
+)
 
 pytestmark = pytest.mark.distributed
 TINY_BERT = {"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
@@ -34,6 +46,7 @@ LORA = {"q_proj.lora_A": (4, 64), "q_proj.lora_B": (64, 4), "v_proj.lora_A": (4,
 
 
 def _config(tmp: Path, name: str, method: str, max_steps: int) -> Path:
+    """`name` is the run directory; the YAML is `name-max_steps.yaml` (a run and its longer resume share it)."""
     arch, model, l_p, l_i, _ = CASES[method]
     lm = model.get("objective") == "causal_lm"
     cfg = tiny_config(tmp / name, arch=arch, model=dict(model, arch=dict(arch)),
@@ -44,19 +57,42 @@ def _config(tmp: Path, name: str, method: str, max_steps: int) -> Path:
     return write_config(tmp / f"{name}-{max_steps}.yaml", cfg)
 
 
-@pytest.fixture(scope="module", params=list(CASES))
-def runs(request, tmp_path_factory) -> dict:
+def main(root: Path, phase: str) -> int:
+    """Run as a script, every case in the same process(es), so imports (and the launcher) are paid once per phase:
+    "zero3" on 2 ranks (2 steps each); then "single" in one process: each case's 4-step reference and the
+    resume of its 2-rank run to 4 steps. The configs were written before the launch."""
+    if phase == "zero3":
+        return train_each(root / f"zero3-{method}-2.yaml" for method in CASES)
+    return (train_each(root / f"single-{method}-4.yaml" for method in CASES)
+            or train_each((root / f"zero3-{method}-4.yaml" for method in CASES), "--resume", "auto"))
+
+
+@pytest.fixture(scope="module")
+def all_runs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prefix")
+    for method in CASES:
+        for name, steps in (("single", 4), ("zero3", 2), ("zero3", 4)):
+            _config(root, f"{name}-{method}", method, steps)
+    script = "tests/distributed/test_prefix_methods.py"
+    check(launch(2, str(root), "zero3", script=script, timeout=600))
+    for method in CASES:
+        shutil.copytree(checkpoint.complete(root / f"zero3-{method}" / "checkpoints")[-1], root / f"first-{method}")
+        shutil.copy(root / f"zero3-{method}" / "metrics.jsonl", root / f"first-{method}.jsonl")
+    proc = check(subprocess.run([sys.executable, script, str(root), "single"], cwd=REPO, env=env(),
+                                capture_output=True, text=True, timeout=600))
+    (root / "single.log").write_text(proc.stdout + proc.stderr)
+    return root
+
+
+@pytest.fixture(params=list(CASES))
+def runs(request, all_runs) -> dict:
     """single: 4 steps in one process (stage 0), the reference. zero3: 2 steps on 2 ranks, then resumed in one
     process at stage 0 with max_steps 4 (a checkpoint from N ranks resumes on M)."""
-    method = request.param
-    tmp = tmp_path_factory.mktemp(method.replace("+", "_"))
-    check(run_cli("train", "--config", str(_config(tmp, "single", method, 4))))
-    check(launch(2, "--config", str(_config(tmp, "zero3", method, 2))))
-    shutil.copytree(checkpoint.complete(tmp / "zero3" / "checkpoints")[-1], tmp / "after-2-steps-on-2-ranks")
-    losses = train_losses(tmp / "zero3")
-    resumed = check(run_cli("train", "--config", str(_config(tmp, "zero3", method, 4)), "--resume", "auto"))
-    return {"method": method, "single": tmp / "single", "zero3": tmp / "zero3", "zero3_losses": losses,
-            "first": tmp / "after-2-steps-on-2-ranks", "log": resumed.stdout + resumed.stderr}
+    method, root = request.param, all_runs
+    zero3 = root / f"zero3-{method}"
+    return {"method": method, "single": root / f"single-{method}", "zero3": zero3,
+            "zero3_losses": train_losses_file(root / f"first-{method}.jsonl"), "first": root / f"first-{method}",
+            "log": (root / "single.log").read_text(), "zero3_ckpt_dir": str(zero3 / "checkpoints")}
 
 
 def _adapter(run_dir: Path, step: int | None = None) -> dict[str, torch.Tensor]:
@@ -77,7 +113,8 @@ def test_checkpoint_holds_exactly_the_method_tensors_at_full_shape(runs):
 
 def test_two_ranks_train_like_one_process_and_resume_continues(runs):
     single, zero3, resumed = train_losses(runs["single"]), runs["zero3_losses"], train_losses(runs["zero3"])
-    assert sorted(zero3) == [1, 2] and "resumed from" in runs["log"] and sorted(resumed) == [1, 2, 3, 4]
+    assert sorted(zero3) == [1, 2] and sorted(resumed) == [1, 2, 3, 4]
+    assert f"resumed from {runs['zero3_ckpt_dir']}" in runs["log"]
     for step in (1, 2):  # a prefix table read as ZeRO-3's empty placeholder, or a wrong init, changes these
         assert zero3[step] == pytest.approx(single[step], rel=1e-5), (step, zero3, single)
     for step in (3, 4):  # continued from the 2-rank checkpoint in one process
@@ -104,3 +141,13 @@ def test_loads_in_one_cpu_process(runs):
     if cfg.model.objective == "causal_lm":
         out = model.generate(x[:1, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert out.shape[1] <= 9
+
+
+def train_losses_file(path: Path) -> dict[int, float]:
+    """The losses of a metrics.jsonl copied out of its run directory (before the run was resumed)."""
+    import json
+    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r}
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1]), sys.argv[2]))

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from bigadapt.data import shared_data_dir
-from tests.conftest import TINY_GPT2, check, launch, metrics, run_cli, tiny_config, write_config
+from tests.conftest import TINY_GPT2, check, launch, launch_each, metrics, run_cli, tiny_config, write_config
 
 pytestmark = pytest.mark.distributed
 
@@ -46,9 +46,13 @@ def small_copy(tmp: Path) -> tuple[Path, Path]:
 def test_glue_and_e2e_under_zero3_then_eval(tmp_path, shared_data):  # fails in CI without the data
     mrpc_dir, e2e_dir = small_copy(tmp_path)
     train = {"max_steps": 3, "batch_size": 16, "micro_batch": 8}
-    mrpc = tmp_path / "mrpc"
-    cfg = tiny_config(mrpc, data={"task": "glue/mrpc", "seq_len": 32, "path": str(mrpc_dir)}, train=train)
-    check(launch(2, "--config", str(write_config(tmp_path / "mrpc.yaml", cfg))))
+    mrpc, e2e = tmp_path / "mrpc", tmp_path / "e2e"
+    configs = [write_config(tmp_path / "mrpc.yaml", tiny_config(
+                   mrpc, data={"task": "glue/mrpc", "seq_len": 32, "path": str(mrpc_dir)}, train=train)),
+               write_config(tmp_path / "e2e.yaml", tiny_config(
+                   e2e, model={"arch": dict(TINY_GPT2), "objective": "causal_lm"},
+                   data={"task": "e2e", "seq_len": 40, "path": str(e2e_dir), "fraction": 0.5}, train=train))]
+    check(launch_each(2, configs))  # both runs in the same two ranks: one launch
     final = metrics(mrpc)[-1]
     assert final["split"] == "eval" and {"accuracy", "f1"} <= set(final)  # Loop.evaluate's task metric
 
@@ -56,10 +60,6 @@ def test_glue_and_e2e_under_zero3_then_eval(tmp_path, shared_data):  # fails in 
     result = json.loads((mrpc / "eval-dev.json").read_text())
     assert result["n"] == 30 and set(result["metrics"]) == {"accuracy", "f1"} and "accuracy=" in proc.stdout
 
-    e2e = tmp_path / "e2e"
-    cfg = tiny_config(e2e, model={"arch": dict(TINY_GPT2), "objective": "causal_lm"},
-                      data={"task": "e2e", "seq_len": 40, "path": str(e2e_dir), "fraction": 0.5}, train=train)
-    check(launch(2, "--config", str(write_config(tmp_path / "e2e.yaml", cfg))))
     check(run_cli("eval", str(e2e), "--limit", "2", "--beams", "2", "--max-new-tokens", "8"))
     result = json.loads((e2e / "eval-dev.json").read_text())
     assert set(result["metrics"]) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
