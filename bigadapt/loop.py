@@ -21,9 +21,11 @@ from .data.batching import collate, count_targets
 from .errors import DivergedError
 from .tracking import Trackers
 
-# Fault injection for tests that signal a run mid-flight (SLURM preemption): seconds slept after every step, so
-# the run cannot finish before the signal lands however fast the machine is. Unset in real runs.
-STEP_DELAY = float(os.environ.get("BIGADAPT_FAULT_STEP_DELAY", "0"))
+# Fault injection for tests that signal a run mid-flight (SLURM preemption): once this step is logged, the run
+# waits for a stop signal (at most HOLD_LIMIT_S), so the signal the test sends on seeing the step lands at that
+# step however fast or loaded the machine is. Unset (0) in real runs.
+HOLD_AT_STEP = int(os.environ.get("BIGADAPT_FAULT_HOLD_AT_STEP", "0"))
+HOLD_LIMIT_S = 300
 
 # The loss-spike check (train.max_loss_spike) compares a step's loss with an exponential mean of the earlier ones
 # (a plain mean over the first SPIKE_WINDOW): it starts once SPIKE_WARMUP steps have run in this process, since
@@ -49,6 +51,13 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signal = signum
+
+
+def _hold_for_stop(stop: StopRequest) -> None:
+    """BIGADAPT_FAULT_HOLD_AT_STEP: wait for SIGUSR1/SIGTERM (bounded, so a test that never sends one still ends)."""
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while stop.signal is None and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _memory_limit_mb(predicted: dict | None) -> float | None:
@@ -138,8 +147,6 @@ class Loop:
                 record = self.step(step, next(batches), watch=start + 2 <= step < start + 4)
                 self._guard(record)  # raises DivergedError on every rank before anything is saved from the step
                 done = step + 1
-                if STEP_DELAY:
-                    time.sleep(STEP_DELAY)
                 if bar:
                     bar.update(0, completed=done, eta=eta.text(done),
                                info=f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
@@ -149,6 +156,8 @@ class Loop:
                     # *Collective* (every rank logs at the same steps): the largest rank's peak, not rank 0's
                     record["mem_mb_max"] = zero.all_reduce_max_list([record["mem_mb"]])[0]
                     self._log(record, f"eta={eta.text(done)}")
+                if done == HOLD_AT_STEP:
+                    _hold_for_stop(stop)
                 if t.eval_every and done % t.eval_every == 0 and done < self.total:
                     self.evaluate(done)
                 if t.save_every and done % t.save_every == 0 and done < self.total:

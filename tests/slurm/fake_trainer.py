@@ -4,6 +4,8 @@ Each rank records its environment, joins a gloo process group (so MASTER_ADDR/PO
 WORLD_SIZE must really work across nodes), and counts steps. On SIGUSR1/SIGTERM all ranks agree
 (all-reduce) to stop at the next step boundary, rank 0 writes a checkpoint, and every rank exits 3.
 A restart resumes from the checkpoint. `total` (a sum over steps) shows resume is exact.
+`--hold-at N` waits after step N for that signal: the test sends it on seeing step N in progress.json, so it
+lands at step N on a fast or a loaded machine alike.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ STOP = {"signal": ""}
 
 def on_signal(signum: int, frame: object) -> None:
     STOP["signal"] = signal.Signals(signum).name  # acted on at the next step boundary
+
+
+def hold_for_signal(limit_s: float = 60) -> None:
+    """Bounded: a test that never signals still gets its job back (and fails on what it asserts)."""
+    deadline = time.monotonic() + limit_s
+    while not STOP["signal"] and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -58,7 +67,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--step-time", type=float, default=0.3)
+    p.add_argument("--hold-at", type=int, default=0, help="after this step, wait for SIGUSR1/SIGTERM")
     p.add_argument("--ckpt-time", type=float, default=0.0, help="seconds a checkpoint takes")
     p.add_argument("--fail-at", type=int, default=-1, help="exit with --fail-code at this step")
     p.add_argument("--fail-code", type=int, default=5)
@@ -75,13 +84,14 @@ def main() -> int:
     step, total = state["step"], state["total"]
 
     while step < args.steps:
-        time.sleep(args.step_time)
         step += 1
         total += step * dist.get_world_size()
         if step == args.fail_at:
             return args.fail_code
         if rank == 0:
             write_json(run_dir / "progress.json", {"step": step})
+        if step == args.hold_at:
+            hold_for_signal()
         stop = torch.tensor([1 if STOP["signal"] else 0])
         dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same step
         if stop.item():

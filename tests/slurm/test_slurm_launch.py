@@ -2,10 +2,14 @@
 
 The trainer here is tests/slurm/fake_trainer.py, which keeps launch/train.py's contract (checkpoint and
 exit 3 on SIGUSR1/SIGTERM, resume on restart) in a fraction of the time: it exercises the job script's
-edge cases (external requeue, scancel, failures, unshared run dirs). The real trainer's runs — two nodes,
-USR1 preemption, sweeps — come last, submitted with `bigadapt submit` exactly as a user would (the job runs
-launch/train.py). One file, so that pytest-xdist (`--dist loadfile`) runs every test against the one set of
-daemons on one worker.
+edge cases (each rank's rendezvous environment, external requeue, scancel, failures, unshared run dirs). The
+real trainer's runs — two nodes, USR1 preemption, sweeps — come last, submitted with `bigadapt submit` exactly
+as a user would (the job runs launch/train.py). One file, so that pytest-xdist (`--dist loadfile`) runs every
+test against the one set of daemons on one worker.
+
+No test waits for time to pass: a run that is to be signalled mid-run holds at a given step until the signal
+comes (fake_trainer.py --hold-at, BIGADAPT_FAULT_HOLD_AT_STEP for the real trainer), and the test sends it on
+seeing that step, so it lands at that step however fast or loaded the machine is.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from bigadapt.slurm import (
     JobSpec,
     JobState,
     TaskOverride,
+    job_state,
     job_states,
     read_events,
     render_job_script,
@@ -39,8 +44,10 @@ pytestmark = pytest.mark.slurm
 needs_cluster = pytest.mark.usefixtures("slurm_cluster")  # rendering alone runs anywhere
 
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
-TRAINER_ARGS = [str(FAKE_TRAINER), "--run-dir", "{run_dir}", "--step-time", "0.3"]
+TRAINER_ARGS = [str(FAKE_TRAINER), "--run-dir", "{run_dir}"]
 STEPS = 16
+HOLD = 3  # the step a signalled fake run waits at (--hold-at) for the test's signal
+DONE = {"step": STEPS, "total": 2 * sum(range(1, STEPS + 1))}  # 2 ranks, uninterrupted: what a resume must reach
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -150,47 +157,51 @@ def test_dry_run_asks_the_controller_and_submits_nothing(tmp_path: Path) -> None
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
 
 
-# --- (b) two nodes, one torchrun each ----------------------------------------------------------
+# --- (b) two nodes, one torchrun each, (c) preemption: checkpoint, requeue, resume ---------------
 
 
 @pytest.fixture(scope="module")
-def reference_run(slurm_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, JobState]:
-    """An uninterrupted 2-node run: the baseline the preempted runs must reproduce."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    job_id = submit(write_job_script(spec(run_dir, "reference", "--steps", str(STEPS))))
+def requeued_run(slurm_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, JobState]:
+    """A 2-node run that SLURM itself requeues at step HOLD (`scontrol requeue`: the ranks get SIGTERM and have
+    KillWait to checkpoint), then resumes: both starts' ranks record their environment."""
+    run_dir = tmp_path_factory.mktemp("requeue")
+    job_id = submit(write_job_script(spec(run_dir, "requeue", "--steps", str(STEPS), "--hold-at", str(HOLD))))
     assert job_id
-    (state,) = wait_job(job_id)
+    wait_step(run_dir, HOLD)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    (state,) = wait_job(job_id, timeout=90)
     return run_dir, state
 
 
-
-# --- (c) preemption: checkpoint, requeue, resume -----------------------------------------------
-
-
-def _assert_resumed_like_reference(run_dir: Path, job_id: str, reference: Path) -> None:
-    (state,) = wait_job(job_id, timeout=90)
-    assert state.state == "COMPLETED", log_text(run_dir)
-    assert state.restarts == 1
-    assert 0 < read_json(run_dir / "ckpt.json")["step"] < STEPS  # stopped mid-run, at a boundary
-    assert {e["SLURM_RESTART_COUNT"] for e in rank_envs(run_dir, 1)} == {"1"}
-    assert read_json(run_dir / "done.json") == read_json(reference / "done.json")
-
+@needs_cluster
+def test_two_nodes_make_one_world(requeued_run: tuple[Path, JobState]) -> None:
+    run_dir, state = requeued_run
+    for restart in (0, 1):  # the requeued start meets at the same rendezvous: the port is the job id's
+        envs = rank_envs(run_dir, restart)
+        assert sorted(e["RANK"] for e in envs) == ["0", "1"]
+        assert sorted(e["SLURM_NODEID"] for e in envs) == ["0", "1"]
+        assert {e["WORLD_SIZE"] for e in envs} == {"2"}
+        assert {e["LOCAL_RANK"] for e in envs} == {"0"}  # --nproc_per_node 1 on each node
+        assert {e["MASTER_ADDR"] for e in envs} == {"127.0.0.1"}  # n1's NodeAddr
+        assert {e["MASTER_PORT"] for e in envs} == {str(20000 + int(state.job_id) % 10000)}
+        assert {e["OMP_NUM_THREADS"] for e in envs} == {"1"}
+    assert sorted(p.name for p in run_dir.glob(".node-*")) == [".node-0", ".node-1"]
 
 
 @needs_cluster
-def test_external_requeue_checkpoints_and_resumes(reference_run: tuple[Path, JobState], tmp_path: Path) -> None:
-    job_id = submit(write_job_script(spec(tmp_path, "requeue", "--steps", str(STEPS))))
-    assert job_id
-    wait_step(tmp_path, 3)
-    # SLURM itself requeues: the ranks get SIGTERM and have KillWait to checkpoint.
-    subprocess.run(["scontrol", "requeue", job_id], check=True)
-    _assert_resumed_like_reference(tmp_path, job_id, reference_run[0])
-    assert event_names(tmp_path)[-2:] == ["start", "finish"]
+def test_external_requeue_checkpoints_and_resumes(requeued_run: tuple[Path, JobState]) -> None:
+    run_dir, state = requeued_run
+    assert state.state == "COMPLETED", log_text(run_dir)
+    assert state.restarts == 1
+    assert read_json(run_dir / "ckpt.json")["step"] == HOLD  # stopped where the signal came, at a boundary
+    assert {e["SLURM_RESTART_COUNT"] for e in rank_envs(run_dir, 1)} == {"1"}
+    assert read_json(run_dir / "done.json") == DONE  # resumed exactly: the uninterrupted run's sum
+    assert event_names(run_dir)[-2:] == ["start", "finish"]
 
 
 @needs_cluster
 def test_scancel_is_final_not_a_requeue(tmp_path: Path) -> None:
-    job_id = submit(write_job_script(spec(tmp_path, "cancel", "--steps", "40")))
+    job_id = submit(write_job_script(spec(tmp_path, "cancel", "--steps", str(STEPS), "--hold-at", "2")))
     assert job_id
     wait_step(tmp_path, 2)
     subprocess.run(["scancel", job_id], check=True)
@@ -198,7 +209,7 @@ def test_scancel_is_final_not_a_requeue(tmp_path: Path) -> None:
     assert (state.state, state.restarts) == ("CANCELLED", 0)
     assert "requeue" not in event_names(tmp_path)
     assert event_names(tmp_path)[-1] == "cancelled"
-    assert read_json(tmp_path / "ckpt.json")["step"] >= 2  # SIGTERM still gave a checkpoint
+    assert read_json(tmp_path / "ckpt.json")["step"] == 2  # SIGTERM still gave a checkpoint
 
 
 @needs_cluster
@@ -239,11 +250,7 @@ def test_run_dir_not_visible_from_a_node_exits_2(tmp_path: Path) -> None:
     assert not (tmp_path / "ranks").exists()  # training never started
 
 
-# --- (d) arrays ------------------------------------------------------------------------------------
-
-
-
-# --- (e) sbatch errors ---------------------------------------------------------------------------
+# --- (d) sbatch errors (arrays: test_sweep_runs_one_array_task_per_point, below) -------------------
 
 
 @needs_cluster
@@ -260,7 +267,8 @@ def test_sbatch_error_surfaces_verbatim(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- the real trainer: 2 nodes, ZeRO-3 across them
-REAL_STEPS = 150
+REAL_STEPS = 8  # a few steps either side of the preemption: the assertions need no more
+PREEMPT_AT = 3  # the preempted run holds after this step (BIGADAPT_FAULT_HOLD_AT_STEP) until the test's USR1
 
 
 def _submit(tmp: Path, name: str, *args: str, extra_env: dict | None = None, **sections) -> tuple[str, Path]:
@@ -302,16 +310,19 @@ def test_two_nodes_train_one_zero3_world(real_reference):
 
 @needs_cluster
 def test_preempted_job_requeues_and_ends_with_the_same_adapter(real_reference, tmp_path):
-    # >= 0.1 s a step: 150 steps take >= 15 s, so the signal sent after step 5 always lands mid-run, on any machine
-    job, run_dir = _submit(tmp_path, "preempt", "--nodes", "2", extra_env={"BIGADAPT_FAULT_STEP_DELAY": "0.1"})
-    wait_until(lambda: _last_step(run_dir) >= 5, 300, "training to pass step 5")
+    # The run holds after step PREEMPT_AT until a signal comes: sent on seeing that step, it lands there on any machine
+    job, run_dir = _submit(tmp_path, "preempt", "--nodes", "2",
+                           extra_env={"BIGADAPT_FAULT_HOLD_AT_STEP": str(PREEMPT_AT)})
+    wait_until(lambda: _last_step(run_dir) >= PREEMPT_AT, 300, f"training to log step {PREEMPT_AT}")
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # what --signal=B:USR1 sends
     (state,) = wait_job(job, timeout=300)
     assert state.state == "COMPLETED" and state.restarts == 1
-    events = [e["event"] for e in read_events(run_dir)]
-    assert events[:4] == ["start", "signal", "preempted", "requeue"] and events[-2:] == ["start", "finish"]
-    stopped = [c for c in checkpoint.complete(run_dir / "checkpoints")]
-    assert stopped[-1].name == f"step-{REAL_STEPS:08d}"
+    events = read_events(run_dir)
+    assert [e["event"] for e in events] == ["start", "signal", "preempted", "requeue", "start", "finish"]
+    assert events[2]["ranks"] == "0:3,1:3"  # each rank's own exit code: both checkpointed (torchrun saw 0)
+    assert events[4]["restart"] == "1"  # the requeued start knows it is one (SLURM_RESTART_COUNT)
+    stopped = [c.name for c in checkpoint.complete(run_dir / "checkpoints")]
+    assert stopped == [f"step-{PREEMPT_AT:08d}", f"step-{REAL_STEPS:08d}"]  # the preemption's, then the last
     ref, got = _adapter(real_reference), _adapter(run_dir)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)  # bitwise on CPU
 
@@ -320,10 +331,18 @@ def test_preempted_job_requeues_and_ends_with_the_same_adapter(real_reference, t
 def test_sweep_runs_one_array_task_per_point(tmp_path):
     job, run_dir = _submit(tmp_path, "sweep", "--sweep", "method.r=2,4,8", train={"max_steps": 3})
     states = wait_job(job, timeout=300)
-    assert len(states) == 3 and all(s.state == "COMPLETED" for s in states)
-    for r in (2, 4, 8):
+    assert sorted(s.job_id for s in states) == [f"{job}_{i}" for i in range(3)]
+    assert all(s.state == "COMPLETED" for s in states)
+    task_job = {s.fields["ArrayTaskId"]: s.fields["JobId"] for s in states}  # each task has a job id of its own
+    for i, r in enumerate((2, 4, 8)):
         task = run_dir / f"r={r}"
         assert _adapter(task)["transformer.h.0.attn.c_attn.lora_A"].shape == (2 * r, 64)
+        events = read_events(task)  # task i started, and finished, in point i's own run directory, alone
+        assert [(e["event"], e["job"]) for e in events] == [("start", task_job[str(i)]), ("finish", task_job[str(i)])]
+        assert json.loads((task / "layout.json").read_text())["world_size"] == 1
+        assert (run_dir / "logs" / f"slurm-{job}_{i}.out").exists()
+    one = job_state(f"{job}_1")
+    assert (one.job_id, one.fields["JobId"], one.state) == (f"{job}_1", task_job["1"], "COMPLETED")
     out = run_cli("status", str(run_dir)).stdout
     assert out.count("checkpoint step-00000003") == 3 and f"job {job}" in out
 
