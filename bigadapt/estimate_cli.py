@@ -46,9 +46,13 @@ def main(args) -> int:
                  args.seq_len or cfg.data.seq_len, ac, checkpoint_every=cfg.train.checkpoint_every)
     budget = parse_size(args.gpu_memory) if args.gpu_memory else None
     choice = _choose(cfg, lay, budget)
+    budget = budget or choice.budget  # --gpu-memory, else zero.memory_budget (or this machine's GPU)
+    if args.fit and not budget:  # else --fit would be silently ignored: nothing to fit into
+        raise ConfigError("--fit: no memory to fit into; add --gpu-memory (e.g. --gpu-memory 80GB) or set "
+                          "zero.memory_budget")
     lay.stage = choice.stage
     cfg = layout.with_zero(cfg, stage=choice.stage, **(choice.windows or {}))  # what the run would give DeepSpeed
-    est = accounting.estimate(cfg, lay, budget or choice.budget, args.fit)
+    est = accounting.estimate(cfg, lay, budget, args.fit)
     est["zero_stage"] = choice.record()
     if args.json:
         print(json.dumps(est, indent=1))

@@ -27,6 +27,12 @@ from .methods.dora import DoRA
 from .methods.lora import lora_modules
 
 PEFT_TASK = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+# What leaves bigadapt, by method.name: the one table docs/methods.md quotes and tests/test_export_cases.py checks
+# against the behaviour for every name in methods.METHODS. PEFT export: LoRA and QLoRA (its DoRA, rsLoRA, PiSSA/OLoRA
+# and pattern variants included). Merge: whatever folds into the base's own tensors; each other method's `merge`
+# refuses in one line saying why (adapters, prefixes, a quantized base).
+PEFT_METHODS = frozenset({"lora", "qlora"})
+MERGEABLE = frozenset({"lora", "bitfit", "full", "ft_top_k"})
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -120,10 +126,12 @@ def _quiet_transformers():
 
 
 def to_peft(path: str | Path, out: str | Path, overwrite: bool = False) -> int:
-    out = _output_dir(out, overwrite)
-    model, manifest, cfg = load_trained(path)
-    if cfg.method.name not in ("lora", "qlora"):
+    out = _output_dir(out, overwrite, create=False)
+    _, _, cfg = read_run(path)  # refused before a model is built or `out` is created
+    if cfg.method.name not in PEFT_METHODS:
         raise CheckpointError(f"{path}: PEFT export covers LoRA and QLoRA; this run used {cfg.method.name!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    model, manifest, cfg = load_trained(path)
     tensors, rank_pattern, alpha_pattern, fan_in_fan_out = {}, {}, {}, False
     for name, m in lora_modules(model):
         rank = m.lora_A.shape[0]
@@ -199,9 +207,10 @@ def merged(path: str | Path, out: str | Path, overwrite: bool = False, stream: b
     from . import merge_stream
     from .engine import return_freed_memory
     return_freed_memory()  # each tensor's buffers go back to the system once written: peak ~ largest tensor
-    out = _output_dir(out, overwrite)
+    out = _output_dir(out, overwrite, create=False)
     ckpt, manifest, cfg = read_run(path)
-    merge_stream.refuse_unmergeable(cfg)  # before any weight is read
+    merge_stream.refuse_unmergeable(cfg)  # before any weight is read or `out` is created
+    out.mkdir(parents=True, exist_ok=True)
     src, why = merge_stream.find_source(cfg.model) if stream else (None, "stream=False")
     plan = None
     if src is not None:
@@ -263,15 +272,16 @@ def _write_tokenizer(tok, cfg, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def _output_dir(out: str | Path, overwrite: bool) -> Path:
-    """The output directory, created; one that exists with files in it is refused unless `overwrite` (then files
-    of the same names are replaced, others left as they are)."""
+def _output_dir(out: str | Path, overwrite: bool, create: bool = True) -> Path:
+    """The output directory, created (unless not `create`); one that exists with files in it is refused unless
+    `overwrite` (then files of the same names are replaced, others left as they are)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"{out}: is not empty; choose a new directory or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 

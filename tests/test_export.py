@@ -43,23 +43,27 @@ def test_merged_model_matches(trained_run, tmp_path):
         torch.testing.assert_close(merged(**x).logits, ours(**x).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_bitfit_merges_and_adapters_refuse_in_one_line(tmp_path):
-    from .conftest import tiny_config, write_config
+def test_bitfit_merges_and_adapters_refuse_in_one_line(tmp_path, capsys):
+    """Written, not trained (tests/run_dirs.py): the merge is the subject. Every method's acceptance is checked in
+    tests/test_export_cases.py; here the merged BitFit model's logits too."""
+    from bigadapt import cli
+
+    from .conftest import tiny_config
+    from .run_dirs import write_run
     for method, ok in (("bitfit", True), ("adapter_h", False)):
-        run_dir = tmp_path / method
-        cfg = write_config(tmp_path / f"{method}.yaml",
-                           tiny_config(run_dir, method={"name": method}, train={"max_steps": 2}))
-        check(run_cli("train", "--config", str(cfg)))
-        proc = run_cli("merge", str(run_dir), str(tmp_path / f"{method}-merged"))
+        run_dir = write_run(tmp_path / method, tiny_config(tmp_path / method, method={"name": method}))
+        capsys.readouterr()
+        code = cli.main(["merge", str(run_dir), str(tmp_path / f"{method}-merged")])
+        err = capsys.readouterr().err
         if ok:
-            assert proc.returncode == 0, proc.stderr
+            assert code == 0, err
             ours, _, _ = load_trained(run_dir)
             merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / f"{method}-merged").eval()
             with torch.no_grad():
                 torch.testing.assert_close(merged(**_inputs()).logits, ours(**_inputs()).logits, rtol=1e-4,
                                            atol=1e-5)
         else:
-            assert proc.returncode == 2 and "cannot be merged" in proc.stderr and "Traceback" not in proc.stderr
+            assert code == 2 and err.count("\n") == 1 and "cannot be merged" in err and "Traceback" not in err
 
 
 def test_loading_a_run_keeps_transformers_quiet_and_restores_its_settings():
