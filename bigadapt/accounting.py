@@ -21,7 +21,8 @@ the accelerator holds. DeepSpeed settings are read from the merged config (the u
 Stages 1/2: base and working copies whole; masters, moments (and at 2 gradients) partitioned. Stage 0: everything
 whole; moments for trainable tensors only; their gradients exist only between
 backward and step (transient) unless mixed precision keeps fp32 accumulation buffers.
-Activations are an analytic upper bound (Korthikanti et al. 2022) and framework overhead an explicit constant.
+Activations count what autograd saves per block, by activation function and MLP shape (bigadapt/activations.py:
+Korthikanti et al. 2022's terms, measured per architecture), and framework overhead is an explicit constant.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import activations as saved
 from . import methods, quantized, targets
 from .errors import ConfigError
 from .model import build_meta
@@ -197,31 +199,9 @@ def _total(d: dict) -> dict:
 
 
 def activations(shape: Shape, cfg, lay: Layout) -> dict:
-    """Activation bytes per rank for one micro-batch (an upper bound: a frozen layer needs less)."""
-    c = shape.config
-    h, L, a, V = c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.vocab_size
-    ffn = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * h
-    virtual = cfg.method.l_p + cfg.method.l_i  # prefix methods lengthen every sequence
-    s, b = min(lay.seq_len + virtual, _context(c)), lay.micro_batch
-    act_b = BYTES[cfg.model.dtype]
-    # Korthikanti et al. 2022, eq. 1: per layer s*b*h*(34 + 5*a*s/h) bytes with 2-byte activations;
-    # 19 of the 34 are a 4h MLP, rescaled here to the real FFN width. The 5*a*s/h term is the stored
-    # softmax (and its dropout) of eager attention; SDPA/flash kernels keep a per-row statistic instead.
-    fused = attention(shape, cfg) != "eager"
-    per_layer = s * b * h * (15 + 19 * ffn / (4 * h) + (0 if fused else 5 * a * s / h)) * act_b / 2
-    # DoRA (methods/dora.py): each adapted module keeps one more [b, s, rows] tensor, W0 x + s B A x, for m's
-    # gradient; its rows are its magnitude's length (spread over the layers)
-    per_layer += s * b * act_b * sum(n for name, n, _, _ in shape.tensors if name.endswith("lora_magnitude_vector")) / L
-    layers = L * per_layer
-    if lay.activation_checkpointing:
-        # a checkpointed block (0, k, 2k, ...) keeps only its input, the others everything. The peak is the end
-        # of the forward, or the recompute of the last checkpointed block: the blocks above it are freed by then,
-        # the uncheckpointed ones below it are still held, plus the one block being recomputed
-        kept = len(range(0, L, lay.checkpoint_every))
-        below = (kept - 1) * (lay.checkpoint_every - 1)
-        layers = kept * s * b * h * act_b + max(L - kept, below + 1) * per_layer
-    logits = s * b * V * (act_b + 8)  # the logits, their fp32 upcast in the loss, and its gradient
-    return {"activations": int(layers), "logits": int(logits)}
+    """Activation bytes per rank for one micro-batch, by the block's saved tensors (bigadapt/activations.py)."""
+    return saved.activations(shape, cfg, lay, attention(shape, cfg), _context(shape.config),
+                             BYTES[cfg.model.dtype])
 
 
 def attention(shape: Shape, cfg) -> str:

@@ -16,6 +16,7 @@ DELEGATED = {
     "throughput": "LoRA vs full fine-tuning training-step time (the paper's 25%% speed-up claim)",
     "study": "BitFit / adapters / LoRA / full across data fractions and time budgets, with a plot",
     "section7": "the paper's §7 (Fig. 3, Fig. 4, Table 7) on LoRA adapters trained on a real model",
+    "rehearsal": "a >= 2B LLaMA-shaped base written, trained (LoRA, ZeRO-3, 2 ranks), merged and generated",
 }
 LAUNCHED = {
     "peft": "LoRA training step and memory vs huggingface/peft + DeepSpeed, alternated launches",
@@ -67,6 +68,9 @@ def main(args) -> int:
 
 
 def _delegated(what: str, argv: list[str]) -> int:
+    if what == "rehearsal":
+        from . import rehearsal
+        return rehearsal.main(argv)
     if what in ("study", "section7"):
         from . import section7, study
         return (study if what == "study" else section7).main(argv)
