@@ -16,9 +16,10 @@ from bigadapt.methods.qlora import QLoRA
 from tests.conftest import TINY_GPT2, TINY_LLAMA, check, run_cli, tiny_config, train_losses, write_config
 
 IDS = torch.randint(2, 96, (3, 12), generator=torch.Generator().manual_seed(0))
-# measured max |logit difference| / max |logit| against the full-precision LoRA with the same adapter
-# (nf4 ~0.05, fp4 ~0.1, int8 ~0.01 on these bases); the bound leaves room for other CPUs
-TOLERANCE = {"nf4": 0.25, "fp4": 0.35, "int8": 0.05}
+# max |logit difference| / max |logit| against the full-precision LoRA with the same adapter, measured on this
+# GPT-2 base (bitsandbytes 4-bit/8-bit CPU kernels, deterministic for fixed weights): nf4 0.058, fp4 0.097,
+# int8 0.0090; the bounds are ~2x that (a coarser quantizer, or a LoRA branch fed quantized inputs, exceeds them)
+TOLERANCE = {"nf4": 0.12, "fp4": 0.2, "int8": 0.018}
 
 
 @pytest.fixture(scope="module")
