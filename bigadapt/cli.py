@@ -45,9 +45,17 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the job script; submit nothing")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's refusal as every other user error here: one line naming what is wrong, exit 2 (argparse prints
+    its whole usage first, which for `train` or `submit` is a screenful above the line that matters). The
+    subcommands' parsers are of this class too (add_subparsers makes them of the parent's type)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bigadapt", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _OneLineParser(prog="bigadapt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     _train_args(sub.add_parser("train", help="train (use through `deepspeed launch/train.py` for several ranks)"))
     e = sub.add_parser("export", help="write a checkpoint in another format")
@@ -102,6 +110,7 @@ def parser() -> argparse.ArgumentParser:
                    help="subspace RUN_A RUN_B: φ grids (eq. 4); amplification RUN: Table 7")
     a.add_argument("runs", nargs="+", metavar="RUN", help="run or checkpoint directories")
     a.add_argument("--png", help="subspace: write the φ heat map here")
+    p.commands = sub.choices  # name -> its parser: an error names the command whose --help to read
     return p
 
 
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser()
     args, extra = p.parse_known_args(argv)
     if extra and not (args.command == "bench" and args.what in DELEGATED_BENCHES):
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
+        p.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     args.rest = extra
     try:
         return _dispatch(args)

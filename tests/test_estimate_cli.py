@@ -86,8 +86,9 @@ def test_bad_values_are_one_line(capsys, flags, needle):
 @pytest.mark.parametrize("flags,needle", [(["--bogus"], "unrecognized arguments: --bogus"),
                                           (["--world", "many"], "--world: invalid int value: 'many'")])
 def test_unparseable_flags_exit_2_naming_the_flag(capsys, flags, needle):
-    """argparse's own refusal: its usage line, then the error line."""
+    """argparse's own refusal, as one line (no usage block) naming the flag and where the help is."""
     with pytest.raises(SystemExit) as e:
         cli.main(["estimate", "--config", GPT3, *flags])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.splitlines()[-1].endswith(needle) and "Traceback" not in err
+    assert e.value.code == 2 and err.count("\n") == 1 and needle in err and "Traceback" not in err, err
+    assert err.startswith("bigadapt estimate: error: ") and err.rstrip().endswith("(see bigadapt estimate --help)")
