@@ -11,7 +11,7 @@
    RSS after every training step (wrapping `Loop.step`; nothing in the trainer changes);
 3. `bigadapt merge` (the streaming merge) and `bigadapt generate` (greedy, one process) on the run, each a child
    process whose peak RSS is its own (`os.wait4`);
-4. prints every number beside the run's own prediction (estimate.json) and measured model states
+4. prints every number beside the run's own prediction (estimate.json) and the model states' error
    (accounting.json), with the exact commands. It asserts nothing: it is a benchmark.
 
 The output directory (~2 bytes per parameter for the base and as much again for the merged copy) is deleted
@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 from .load_memory import GIB, _reset_peak, _status, llama_arch, write_base
-
-MIB = 2**20
+from .peft_compare import _free_port  # the OS's choice: a port derived from the pid can collide
 
 
 def run_config(base: Path, run_dir: Path, ranks: int, steps: int, seq_len: int) -> dict:
@@ -122,7 +121,7 @@ def launch_train(config: Path, probe_dir: Path, ranks: int, env: dict) -> dict:
         cmd = [sys.executable, "-m", "bigadapt.bench.rehearsal", "--worker", str(config), str(probe_dir)]
     else:
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
-               str(29500 + os.getpid() % 400), "--module", "bigadapt.bench.rehearsal", "--worker", str(config),
+               str(_free_port()), "--module", "bigadapt.bench.rehearsal", "--worker", str(config),
                str(probe_dir)]
     return child(cmd, env)
 
@@ -178,24 +177,22 @@ def report(res: dict, a) -> None:
     if tr["rc"]:
         print(tr["stdout"][-3000:], tr["stderr"][-3000:], sep="\n")
         return
-    est, measured = res["estimate"], res["accounting"]["measured"]
+    est = res["estimate"]
     print(f"prediction (estimate.json, per rank): total {_g(est['total'])} GiB = model states "
           f"{_g(est['model_states'])} + activations {_g(est['activations'])} + gather buffers "
           f"{_g(est.get('zero3_gather_buffers', 0))} + logits {_g(est.get('logits', 0))} + overhead "
           f"{_g(est['framework_overhead'])}; base partition {_g(est['base_partition'])}")
     print("| rank | partition | load: RSS before | load: peak RSS | peak − before | load s | train: peak RSS "
-          "(max over steps) | RSS after step 1 → last | predicted total | peak / predicted | measured model "
-          "states | s/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r, m in zip(res["ranks"], measured):
+          "(max over steps) | RSS after step 1 → last | predicted total | peak / predicted | s/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in res["ranks"]:
         steps = r["steps"]
         peak = max(s["peak"] for s in steps)
-        states = sum(v for k, v in m.items() if k not in ("peak_memory", "zero3_gather_buffers"))
         mean_s = sum(s["step_s"] for s in steps) / len(steps)
         print(f"| {r['rank']} | {_g(r['partition_bytes'])} | {_g(r['rss_before_load'])} | {_g(r['load_peak'])} | "
               f"{_g(r['load_peak'] - r['rss_before_load'])} | {r['load_s']:.0f} | {_g(peak)} | "
               f"{_g(steps[0]['rss'])} → {_g(steps[-1]['rss'])} | {_g(est['total'])} | "
-              f"{peak / est['total']:.2f} | {states / MIB:.1f} MiB | {mean_s:.0f} |")
+              f"{peak / est['total']:.2f} | {mean_s:.0f} |")
     for r in res["ranks"]:
         trail = " ".join(f"{s['peak'] / GIB:.2f}" for s in r["steps"])
         print(f"rank {r['rank']} peak RSS after each step (GiB): {trail}; losses "
