@@ -1,13 +1,16 @@
 """`bigadapt bench study`: BitFit vs adapters vs LoRA vs full fine-tuning across data fractions and time budgets.
 
 The axes of the BitFit/adapters study (Doering et al. 2024, arXiv 2401.04051): GLUE MRPC, CoLA and STS-B,
-a fraction of the training data (nested deterministic subsets) and a wall-clock training budget.
+a fraction of the training data (nested deterministic subsets) and a training budget.
 
-One run per (task, fraction, method). The schedule is warmup-then-constant, and the run evaluates the whole
-dev set whenever the training clock (step time only, see `train.eval_at_s`) passes a mark: with a constant
-schedule and per-step RNG, the eval at mark t is exactly the final eval of a run given budget t, so each run
-gives every budget at the price of one. Cells are run one after another in one process each (ZeRO stage 0,
-all cores), skipped when already complete, so an interrupted study continues where it stopped.
+One run per (task, fraction, method, seed). The schedule is warmup-then-constant, and the run evaluates the
+whole dev set at each mark: with a constant schedule and per-step RNG, the eval at mark t is exactly the final
+eval of a run given budget t, so each run gives every budget at the price of one. The budget is counted in
+optimizer steps (`--steps`, the default: the result does not depend on how busy the machine is, so a second
+person gets the same numbers) or in seconds of the training clock (`--budget`, step time only, see
+`train.eval_at_s`: the study paper's axis, but it also measures the machine). Each cell is one process (ZeRO
+stage 0), `--jobs` of them at a time with the cores split between them; complete cells are skipped, so an
+interrupted study continues where it stopped.
 
     python -m bigadapt.bench.study run --model DIR --glue ../shared/data/glue --out runs/study
     python -m bigadapt.bench.study report runs/study   # Markdown table + study.png
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -42,17 +46,26 @@ NO_SKILL = {"mrpc": 279 / 408, "cola": 0.0, "stsb": 0.0}
 SHOWN = {"mrpc": ("accuracy", "f1"), "cola": ("mcc",), "stsb": ("pearson", "spearman")}
 
 
+# Step budgets per task: about what 180 s of training reached on this 2-core CPU (docs/results.md), evaluated at
+# each third. CoLA's sentences are short, so its steps are ~3x cheaper.
+STEPS = {"mrpc": 120, "stsb": 120, "cola": 360}
+
+
 def cell_config(args, task: str, method: str, fraction: float) -> dict:
     spec = METHODS[method]
+    name = f"{task}-{method}-f{fraction:g}-s{args.seed}"
+    if args.steps:
+        train = {"max_steps": args.steps[task], "eval_every": args.steps[task] // args.evals}
+        name += f"-n{args.steps[task]}"
+    else:
+        train = {"epochs": 100, "time_budget_s": args.budget, "eval_at_s": [m for m in args.marks if m < args.budget]}
     return {
-        "run_dir": str(Path(args.out) / f"{task}-{method}-f{fraction:g}-s{args.seed}"),
+        "run_dir": str(Path(args.out) / name),
         "model": {"name_or_path": args.model, "objective": "seq_cls", "num_labels": TASKS[task][1]},
         "method": spec["method"],
         "data": {"task": TASKS[task][0], "path": args.glue, "seq_len": args.seq_len, "fraction": fraction},
         "train": {"batch_size": 32, "micro_batch": 32, "lr": spec["lr"], "warmup_steps": 10,
-                  "schedule": "constant", "epochs": 100, "time_budget_s": args.budget,
-                  "eval_at_s": [m for m in args.marks if m < args.budget], "log_every": 10, "seed": args.seed,
-                  "keep_last": 1},
+                  "schedule": "constant", **train, "log_every": 10, "seed": args.seed, "keep_last": 1},
         "zero": {"stage": 0},
     }
 
@@ -64,39 +77,55 @@ def complete(run_dir: Path) -> bool:
 def run_cells(args) -> int:
     cfgs = [cell_config(args, task, method, fraction)
             for fraction in args.fractions for task in args.tasks for method in args.methods]
-    return run_configs(Path(args.out), cfgs)
+    return run_configs(Path(args.out), cfgs, jobs=args.jobs)
 
 
-def run_configs(out: Path, cfgs: list[dict]) -> int:
-    """Train each config in its own process, one after another, skipping complete runs (so an interrupted
-    driver continues where it stopped); a log and the load beside each run go next to its YAML in `out`.
-    A failed run does not stop the others; the exit code of the first failure is returned (0: none)."""
-    first_failure = 0
+def run_configs(out: Path, cfgs: list[dict], jobs: int = 1) -> int:
+    """Train each config in its own process, `jobs` at a time (the cores split between them), skipping complete
+    runs (so an interrupted driver continues where it stopped); a log, the threads and the load beside each run
+    go next to its YAML in `out`. A failed run does not stop the others; the exit code of the first failure is
+    returned (0: none)."""
     out.mkdir(parents=True, exist_ok=True)
-    repo = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["HF_HUB_OFFLINE"] = "1"  # a local model directory; never wait on the hub
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    for cfg in cfgs:
-        run_dir = Path(cfg["run_dir"])
-        if complete(run_dir):
-            continue
-        path = out / f"{run_dir.name}.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        t0, load0 = time.time(), os.getloadavg()[0]
-        with open(out / f"{run_dir.name}.log", "w") as log:
-            # --resume auto: a run the driver was stopped in continues from its checkpoint
-            cmd = [sys.executable, str(repo / "launch/train.py"), "--config", str(path), "--resume", "auto"]
-            rc = subprocess.run(cmd, env=env, cwd=repo, stdout=log, stderr=subprocess.STDOUT).returncode
-        # the load beside each run: a wall-clock budget buys fewer steps on a busy machine
-        cell = {"wall_s": round(time.time() - t0, 1), "load_start": load0, "load_end": os.getloadavg()[0],
-                "exit": rc}
-        (out / f"{run_dir.name}.cell.json").write_text(json.dumps(cell))
-        status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {out / run_dir.name}.log)"
-        first_failure = first_failure or rc
-        print(f"{run_dir.name}: {status} in {cell['wall_s']:.0f} s, load {load0:.1f} -> "
-              f"{cell['load_end']:.1f}", flush=True)
+    # Two 1-thread processes did 1.35x the steps of one 2-thread process on 2 cores (MiniLM, batch 32).
+    # The thread count is recorded: it changes the float summation order, so results match only at equal threads.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    todo = [cfg for cfg in cfgs if not complete(Path(cfg["run_dir"]))]
+    running: list[tuple[subprocess.Popen, Path, dict]] = []
+    first_failure = 0
+    while todo or running:
+        while todo and len(running) < jobs:
+            running.append(_start(out, todo.pop(0), env))
+        time.sleep(0.5)
+        for job in [j for j in running if j[0].poll() is not None]:
+            running.remove(job)
+            first_failure = first_failure or _finish(out, *job, threads=env["OMP_NUM_THREADS"])
     return first_failure
+
+
+def _start(out: Path, cfg: dict, env: dict) -> tuple[subprocess.Popen, Path, dict]:
+    run_dir = Path(cfg["run_dir"])
+    path = out / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    repo = Path(__file__).resolve().parents[2]
+    # --resume auto: a run the driver was stopped in continues from its checkpoint
+    cmd = [sys.executable, str(repo / "launch/train.py"), "--config", str(path), "--resume", "auto"]
+    with open(out / f"{run_dir.name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+    return proc, run_dir, {"t0": time.time(), "load_start": os.getloadavg()[0]}
+
+
+def _finish(out: Path, proc: subprocess.Popen, run_dir: Path, started: dict, threads: str) -> int:
+    rc = proc.returncode
+    # the load beside each run: a wall-clock budget buys fewer steps on a busy machine
+    cell = {"wall_s": round(time.time() - started["t0"], 1), "load_start": started["load_start"],
+            "load_end": os.getloadavg()[0], "threads": int(threads), "exit": rc}
+    (out / f"{run_dir.name}.cell.json").write_text(json.dumps(cell))
+    status = "ok" if rc == 0 else f"FAILED (exit {rc}, see {out / run_dir.name}.log)"
+    print(f"{run_dir.name}: {status} in {cell['wall_s']:.0f} s, load {cell['load_start']:.1f} -> "
+          f"{cell['load_end']:.1f}", flush=True)
+    return rc
 
 
 def run_evals(run_dir: Path) -> list[dict]:
@@ -106,24 +135,29 @@ def run_evals(run_dir: Path) -> list[dict]:
 
 
 def collect(out: Path) -> list[dict]:
-    """One row per complete run: its cell and the evals at each training-clock mark."""
+    """One row per complete run: its cell, its budget's unit ("steps" or "s") and the evals at each mark."""
     rows = []
     for cfg_path in sorted(out.glob("*.yaml")):
         cfg = yaml.safe_load(cfg_path.read_text())
         run_dir = Path(cfg["run_dir"])
         if not complete(run_dir):
             continue
-        evals = run_evals(run_dir)
+        t = cfg["train"]
         task = cfg["data"]["task"].split("/")[1]
         state = json.loads(next((run_dir / "checkpoints").glob("step-*/state.json")).read_text())
         side = out / f"{run_dir.name}.cell.json"
         cell = json.loads(side.read_text()) if side.exists() else {}
+        if t.get("time_budget_s"):
+            unit, budget, marks = "s", t["time_budget_s"], t.get("eval_at_s", []) + [t["time_budget_s"]]
+        else:
+            unit, budget = "steps", t["max_steps"]
+            every = t.get("eval_every") or budget
+            marks = list(range(every, budget, every)) + [budget]
         rows.append({"task": task, "method": cfg["method"]["name"], "fraction": cfg["data"]["fraction"],
-                     "seed": cfg["train"]["seed"], "budget": cfg["train"]["time_budget_s"],
-                     "marks": cfg["train"]["eval_at_s"] + [cfg["train"]["time_budget_s"]], "evals": evals,
+                     "seed": t["seed"], "unit": unit, "budget": budget, "marks": marks, "evals": run_evals(run_dir),
                      "steps": state["step"], "train_s": state["train_s"],
                      "step_s": state["train_s"] / max(1, state["step"]),
-                     "trainable": _trainable(run_dir),
+                     "trainable": _trainable(run_dir), "threads": cell.get("threads"),
                      "load": max(cell.get("load_start", 0.0), cell.get("load_end", 0.0)) if cell else None})
     return rows
 
@@ -133,11 +167,24 @@ def _trainable(run_dir: Path) -> int:
     return layout["trainable_numel_total"]
 
 
+def groups(rows: list[dict]) -> list[tuple[str, list[float], list[dict]]]:
+    """(unit, marks, rows) for each set of tasks that share their budget's unit and marks: one table each
+    (a step budget differs by task; the seconds of a time budget are the same for all)."""
+    keyed: dict = {}
+    for r in rows:
+        keyed.setdefault((r.get("unit", "s"), tuple(sorted(r["marks"]))), []).append(r)
+    return [(unit, list(marks), rs) for (unit, marks), rs in keyed.items()]
+
+
 def table(rows: list[dict]) -> str:
-    """Markdown: one line per (task, method), a column per (fraction, budget) with the task's metrics."""
+    """Markdown: per group of tasks with the same marks, one line per (task, method), a column per (fraction,
+    budget) with the task's metrics."""
+    return "\n\n".join(_table(unit, marks, rs) for unit, marks, rs in groups(rows))
+
+
+def _table(unit: str, marks: list[float], rows: list[dict]) -> str:
     fractions = sorted({r["fraction"] for r in rows}, reverse=True)
-    marks = sorted({m for r in rows for m in r["marks"]})
-    head = [f"{int(100 * f)}% · {m:g} s" for f in fractions for m in marks]
+    head = [f"{int(100 * f)}% · {m:g} {unit}" for f in fractions for m in marks]
     # steps, s/step and load: the largest fraction's run
     lines = ["| task | method | trainable | " + " | ".join(head) + " | steps | s/step | load |",
              "| --- | --- | ---: | " + " | ".join("---:" for _ in head) + " | ---: | ---: | ---: |"]
@@ -159,15 +206,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cells(rows: list[dict]):
+    """((task, method, fraction), {seed: row}) for every cell, in the tables' order."""
+    fractions = sorted({r["fraction"] for r in rows}, reverse=True)
+    for key in ((t, m, f) for t in TASKS for m in METHODS for f in fractions):
+        by_seed = {r["seed"]: r for r in rows if (r["task"], r["method"], r["fraction"]) == key}
+        if by_seed:
+            yield key, by_seed
+
+
 def seeds_table(rows: list[dict]) -> str:
     """Markdown: the main metric per seed at each mark, for every (task, method, fraction) run with more than
     one seed, and the largest difference between seeds: how much of a gap in the main table is noise."""
-    marks = sorted({m for r in rows for m in r["marks"]})
-    fractions = sorted({r["fraction"] for r in rows}, reverse=True)
-    lines = ["| task | method | data | seeds | " + " | ".join(f"{m:g} s" for m in marks) + " | largest spread |",
+    return "\n\n".join(t for t in (_seeds_table(u, m, rs) for u, m, rs in groups(rows)) if t)
+
+
+def _seeds_table(unit: str, marks: list[float], rows: list[dict]) -> str:
+    lines = ["| task | method | data | seeds | " + " | ".join(f"{m:g} {unit}" for m in marks) + " | largest spread |",
              "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in marks) + " | ---: |"]
-    for task, method, fraction in ((t, m, f) for t in TASKS for m in METHODS for f in fractions):
-        by_seed = {r["seed"]: r for r in rows if (r["task"], r["method"], r["fraction"]) == (task, method, fraction)}
+    for (task, method, fraction), by_seed in _cells(rows):
         if len(by_seed) < 2:
             continue
         metric, spread, vals = MAIN_METRIC[task], 0.0, []
@@ -180,13 +237,47 @@ def seeds_table(rows: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def mean_table(rows: list[dict]) -> str:
+    """Markdown: the study's result over seeds. Each cell is the main metric's mean over the seeds with their
+    min..max in brackets (with 3 seeds no interval is worth computing: the range is the honest spread), and the
+    last column every shown metric's mean at the full budget."""
+    return "\n\n".join(_mean_table(u, m, rs) for u, m, rs in groups(rows))
+
+
+def _mean_table(unit: str, marks: list[float], rows: list[dict]) -> str:
+    lines = ["| task | method | data | seeds | " + " | ".join(f"{m:g} {unit}" for m in marks)
+             + " | all metrics, mean at the budget |",
+             "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in marks) + " | ---: |"]
+    for (task, method, fraction), by_seed in _cells(rows):
+        metric, vals = MAIN_METRIC[task], []
+        for m in marks:
+            per_seed = [100 * ev[metric] for s in sorted(by_seed) if (ev := _eval_at(by_seed[s], m)) and metric in ev]
+            vals.append(f"{statistics.mean(per_seed):.1f} [{min(per_seed):.1f}, {max(per_seed):.1f}]"
+                        if len(per_seed) > 1 else (f"{per_seed[0]:.1f}" if per_seed else "–"))
+        last = [ev for s in sorted(by_seed) if (ev := _eval_at(by_seed[s], marks[-1]))]
+        final = "/".join(f"{100 * statistics.mean(e[k] for e in last):.1f}" for k in SHOWN[task]) if last else "–"
+        lines.append(f"| {task} ({metric}) | {method} | {int(100 * fraction)}% | "
+                     f"{', '.join(str(s) for s in sorted(by_seed))} | " + " | ".join(vals) + f" | {final} |")
+    return "\n".join(lines)
+
+
 def _eval_at(row: dict | None, mark: float) -> dict | None:
-    """The eval a run with budget `mark` ends with: the first eval at or past the mark on the training clock."""
+    """The eval a run with budget `mark` ends with: on the step clock the eval at that step; on the training
+    clock the first eval at or past the mark."""
     if row is None or mark not in row["marks"]:
         return None
+    if row.get("unit") == "steps":
+        return next((e for e in row["evals"] if e["step"] == mark), None)
     evals = sorted(row["evals"], key=lambda e: e["train_s"])
     past = [e for e in evals if e["train_s"] >= mark - 1e-6]
     return past[0] if past else evals[-1]
+
+
+def _steps(text: str) -> dict[str, int]:
+    """`--steps 120` (every task) or `--steps mrpc=120,cola=360` (the others keep their default)."""
+    if "=" not in text:
+        return {t: int(text) for t in TASKS}
+    return {**STEPS, **{k: int(v) for k, v in (kv.split("=", 1) for kv in text.split(","))}}
 
 
 def run_parser(sub, summary: str, glue_holds: str, out: str) -> argparse.ArgumentParser:
@@ -205,9 +296,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--tasks", type=lambda s: s.split(","), default=list(TASKS))
     r.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     r.add_argument("--fractions", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 0.3])
-    r.add_argument("--budget", type=float, default=180.0, help="training-clock seconds per run")
+    r.add_argument("--steps", type=_steps, default=dict(STEPS),
+                   help="optimizer steps per run: N for every task, or task=N,... (default: "
+                        + ",".join(f"{t}={n}" for t, n in STEPS.items()) + ")")
+    r.add_argument("--evals", type=int, default=3, help="with --steps: evaluate at each 1/EVALS of the budget")
+    r.add_argument("--budget", type=float, default=None,
+                   help="a budget in training-clock seconds instead of steps (the study paper's axis; it also "
+                        "measures the machine: a busy one buys fewer steps)")
     r.add_argument("--marks", type=lambda s: [float(x) for x in s.split(",")], default=[30.0, 60.0, 120.0],
-                   help="also evaluate at these training-clock seconds (the smaller budgets)")
+                   help="with --budget: also evaluate at these training-clock seconds (the smaller budgets)")
+    r.add_argument("--jobs", type=int, default=1, help="cells trained at once, the cores split between them")
     r.add_argument("--seq-len", type=int, default=128)
     r.add_argument("--seed", type=int, default=0)
     rep = sub.add_parser("report", help="Markdown table and plot (mean of seeds, min..max band) of the complete cells")
@@ -216,15 +314,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.what == "run":
         bad = [t for t in args.tasks if t not in TASKS] + [m for m in args.methods if m not in METHODS]
+        bad += [t for t in (args.steps or {}) if t not in TASKS]
         if bad:
             p.error(f"unknown task/method {bad}; tasks: {','.join(TASKS)}; methods: {','.join(METHODS)}")
+        if args.budget is not None:
+            args.steps = None
+        elif any(n < args.evals or n % args.evals for n in args.steps.values()):
+            p.error(f"--steps {args.steps}: each budget must be a multiple of --evals {args.evals}")
         return run_cells(args)
     rows = collect(Path(args.out))
+    if len({r["seed"] for r in rows}) > 1:
+        print("mean over seeds [min, max] (each task's main metric x 100):\n")
+        print(mean_table(rows))
+        print(f"\nseed by seed:\n\n{seeds_table(rows)}\n\nthe first seed, every metric:\n")
     first = [r for r in rows if r["seed"] == min(x["seed"] for x in rows)] if rows else []
-    print(table(first))  # one seed per cell; the others only measure the spread
-    spread = seeds_table(rows)
-    if spread:
-        print(f"\nacross seeds (each task's main metric x 100, seed by seed):\n\n{spread}")
+    print(table(first))
     from .study_plot import write_plot
     # every seed goes in: the plot draws each cell's mean with the seeds' min..max band
     out = write_plot(Path(args.out) / f"study.{args.format}", rows, MAIN_METRIC, NO_SKILL)

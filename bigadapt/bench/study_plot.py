@@ -49,7 +49,8 @@ def figure(rows: list[dict], main_metric: dict[str, str], baselines: dict[str, f
         if baselines and task in baselines:
             ax.axhline(baselines[task], color="#999999", linestyle=(0, (1, 3)), label="no skill")
         ax.set_title(f"{task} ({metric})")
-        ax.set_xlabel("training budget (s)")
+        unit = next((r.get("unit", "s") for r in rows if r["task"] == task), "s")
+        ax.set_xlabel("training budget (optimizer steps)" if unit == "steps" else "training budget (s)")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     legend: dict = {}
