@@ -3,6 +3,7 @@
 No wall-clock value is asserted: only how the training clock orders steps, evals and the stop."""
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import subprocess
@@ -153,3 +154,49 @@ def test_study_seed_spread_per_cell():
     assert "| mrpc (accuracy) | lora | 100% | 0, 1 | 60.0 / 65.0 | 70.0 / 70.0 | 80.0 / 75.0 | 5.0 |" in text
     assert "cola" not in text
     assert study.seeds_table(rows[2:]) == ""
+
+
+def _step_row(task, method, fraction, seed, scores, marks=(40, 80, 120)):
+    evals = [{"split": "eval", "step": m, "train_s": 3.0 * m, **sc} for m, sc in zip(marks, scores)]
+    return {"task": task, "method": method, "fraction": fraction, "seed": seed, "unit": "steps",
+            "budget": marks[-1], "marks": list(marks), "evals": evals, "steps": marks[-1], "train_s": 3.0 * marks[-1],
+            "step_s": 3.0, "trainable": 99}
+
+
+def test_study_step_budget_cells_are_configs_with_max_steps_and_evals_at_each_third():
+    args = argparse.Namespace(
+        out="o", model="m", glue="g", seq_len=128, seed=2, steps={"mrpc": 120, "cola": 360, "stsb": 120}, evals=3)
+    cfg = study.cell_config(args, "cola", "lora", 0.3)
+    assert cfg["run_dir"].endswith("cola-lora-f0.3-s2-n360")  # a step run never resumes a time-budget one
+    assert cfg["train"]["max_steps"] == 360 and cfg["train"]["eval_every"] == 120
+    assert "time_budget_s" not in cfg["train"] and cfg["train"]["seed"] == 2
+    args.steps = None
+    args.budget, args.marks = 90.0, [30.0, 60.0, 120.0]
+    timed = study.cell_config(args, "cola", "lora", 0.3)["train"]
+    assert timed["time_budget_s"] == 90.0 and timed["eval_at_s"] == [30.0, 60.0] and "max_steps" not in timed
+    assert study._steps("50") == {t: 50 for t in study.TASKS}
+    assert study._steps("cola=30") == {**study.STEPS, "cola": 30}
+
+
+def test_study_refuses_a_step_budget_the_evals_do_not_divide(capsys):
+    with pytest.raises(SystemExit) as e:
+        study.main(["run", "--model", "m", "--glue", "g", "--steps", "100", "--evals", "3"])
+    assert e.value.code == 2 and "multiple of --evals 3" in capsys.readouterr().err
+
+
+def test_study_report_on_step_budgets_groups_tasks_by_marks_and_averages_seeds():
+    rows = [_step_row("mrpc", "lora", 1.0, s, [{"accuracy": a, "f1": a} for a in v])
+            for s, v in ((0, (0.6, 0.7, 0.8)), (1, (0.62, 0.74, 0.77)), (2, (0.64, 0.72, 0.83)))]
+    rows.append(_step_row("cola", "full", 1.0, 0, [{"mcc": m} for m in (0.0, 0.1, 0.2)], marks=(120, 240, 360)))
+    assert study._eval_at(rows[0], 80)["accuracy"] == 0.7 and study._eval_at(rows[0], 60) is None
+    tables = study.mean_table(rows).split("\n\n")
+    assert len(tables) == 2  # MRPC's marks are not CoLA's: a table each
+    assert "| 40 steps | 80 steps | 120 steps |" in tables[0] and "| 120 steps | 240 steps | 360 steps |" in tables[1]
+    assert ("| mrpc (accuracy) | lora | 100% | 0, 1, 2 | 62.0 [60.0, 64.0] | 72.0 [70.0, 74.0] | 80.0 [77.0, 83.0] "
+            "| 80.0/80.0 |") in tables[0]
+    assert "| cola (mcc) | full | 100% | 0 | 0.0 | 10.0 | 20.0 | 20.0 |" in tables[1]
+    assert "| 100% · 40 steps |" in study.table(rows)
+    assert "| 0, 1, 2 | 60.0 / 62.0 / 64.0 |" in study.seeds_table(rows)
+    fig = figure(rows, study.MAIN_METRIC)
+    assert fig.axes[0].get_xlabel() == "training budget (optimizer steps)"
+    assert list(fig.axes[0].get_lines()[0].get_xdata()) == [40, 80, 120]

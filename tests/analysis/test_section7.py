@@ -58,7 +58,8 @@ def section7_out(tmp_path_factory):
                         method={"r": section7.RUNS[name][0], "alpha": 16},
                         train={"seed": 0, "max_steps": 6, "lr": 5e-3}, zero={"stage": 0})
             for name in section7.RUNS]
-    run_configs(out, cfgs)
+    # two at a time, as `bench study --jobs 2` runs them: the driver's parallel path on real runs
+    assert run_configs(out, cfgs, jobs=2) == 0
     return out
 
 
