@@ -1,7 +1,7 @@
 """The paper's tasks as data modules: GLUE (RoBERTa/DeBERTa) and the NLG tasks (GPT-2, GPT-3).
 
-Local files are read with the existing parsers (`glue.load_glue`, `e2e.load_e2e`); hub names go through
-`datasets.load_dataset`, guarded so that offline the user gets one line asking for `data.path`.
+Local files are read with the existing parsers (`glue.load_glue`, `e2e.load_e2e`); hub datasets go through
+`datasets.load_dataset` (`HubSource`), guarded so that offline the user gets one line asking for `data.path`.
 
 GLUE examples are `{"input_ids", "label"}` (a float for STS-B). Generation tasks are causal LM examples:
 prompt = source + SEPARATOR, target = " " + reference + eos, `loss_from` = prompt length, one example per
@@ -13,6 +13,7 @@ The parsers import `bigadapt.data`, so they are imported here lazily (this modul
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +32,29 @@ _HF_GLUE = {
 }
 _HF_SPLITS = {"train": "train", "dev": "validation", "valid": "validation", "test": "test",
               "dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"}
+
+# The Hub's parquet conversion of a repository (one folder per config, `<config>/<split>/0000.parquet`). Since
+# datasets 4 a repository that is a loading script is refused on its main branch; this branch holds its data.
+PARQUET = "refs/convert/parquet"
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where a task's rows live on the Hub: a namespaced id, its config and the revision to read."""
+    repo: str
+    config: str | None = None
+    revision: str | None = None  # PARQUET for a loading-script repository
+
+    def load_args(self) -> dict:
+        """`datasets.load_dataset` keywords besides the path and split. The parquet conversion has no dataset
+        card, so its configs are not builder configs: the config is the folder (`data_dir`) and the split comes
+        from the folder under it (`dev/` is read as the validation split)."""
+        if self.revision == PARQUET:
+            return {"data_dir": self.config, "revision": PARQUET}
+        return {"name": self.config, "revision": self.revision}
+
+
+GLUE_HUB = "nyu-mll/glue"  # parquet on its main branch, one builder config per task (the bare `glue` redirects)
 
 Pairs = list[tuple[str, list[str]]]  # (source, all its references)
 
@@ -64,21 +88,31 @@ def _subset(items: list, cfg) -> list:
     return [items[i] for i in subset_indices(len(items), d.fraction, d.max_examples, cfg.train.seed)]
 
 
-def _hub(task: str, name: str, config: str | None, split: str, path: str | None):
-    """Rows of one split: a local copy when data.path is given (see `_local`), else `datasets.load_dataset` by
-    hub name; any failure is one DataError line (offline, the user must pass data.path)."""
+def _hub(task: str, hub: HubSource, split: str, path: str | None):
+    """Rows of one split: a local copy when data.path is given (see `_local`), else `datasets.load_dataset` from
+    the Hub; any failure is one DataError line (offline, the user must pass data.path)."""
     if path:
         local = _local(task, Path(path), split)
         if local is not None:
             return local
-    source = path or name
+        source, kwargs = path, _local_args(hub, Path(path))
+    else:
+        source, kwargs = hub.repo, hub.load_args()
     try:
         import datasets
-        return datasets.load_dataset(source, config, split=split)
+        return datasets.load_dataset(source, split=split, **kwargs)
     except Exception as e:  # noqa: BLE001 - any failure (no network, no package, bad dir) is the same advice
         reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
         raise DataError(f"data.task={task}: cannot load {source!r} via datasets.load_dataset ({reason}); "
                         f"offline, pass data.path=<local copy of the dataset>") from None
+
+
+def _local_args(hub: HubSource, path: Path) -> dict:
+    """A local folder read like the Hub: a copy of the parquet conversion has a folder named after the config
+    (read with the same `data_dir` as the Hub); a clone of a parquet repository names it as a builder config."""
+    if hub.config and (path / hub.config).is_dir():
+        return {"data_dir": hub.config}
+    return {"name": hub.config}
 
 
 _SPLIT_STEMS = {"train": ("train",), "validation": ("validation", "dev", "valid", "val"), "test": ("test",)}
@@ -137,7 +171,7 @@ def glue_records(name: str, split: str, cfg) -> list[dict]:
     if split.startswith("test"):
         raise DataError(f"data.task=glue/{name}: split {split!r} has no labels to score")
     a, b = _HF_GLUE[name]
-    rows = _hub(f"glue/{name}", "glue", name, _HF_SPLITS[split], None)
+    rows = _hub(f"glue/{name}", HubSource(GLUE_HUB, name), _HF_SPLITS[split], None)
     return [{"text_a": r[a], "text_b": r[b] if b else None, "label": r["label"]} for r in rows]
 
 
@@ -198,46 +232,84 @@ def _e2e_local(split: str, cfg) -> Pairs:
 
 
 def _triples(rows) -> str:
-    return " | ".join(" : ".join(t) for t in rows)
+    """DART's input as microsoft/LoRA writes it (format_converting_dart.py): `s : p : o | ...`, p lower-cased."""
+    return " | ".join(f"{s} : {p.lower()} : {o}" for s, p, o in rows)
 
 
-# name -> (hub id, hub config, row -> (source, references))
-_HUB_NLG: dict[str, tuple[str, str | None, Callable[[dict], tuple[str, list[str]]]]] = {
-    "e2e_nlg": ("e2e_nlg", None, lambda r: (r["meaning_representation"], [r["human_reference"]])),
-    "web_nlg": ("web_nlg", "release_v2", lambda r: (" | ".join(r["modified_triple_sets"]["mtriple_set"][0]),
-                                                    list(r["lex"]["text"]))),
-    "dart": ("dart", None, lambda r: (_triples(r["tripleset"]), list(r["annotations"]["text"]))),
-    "wikisql": ("wikisql", None, lambda r: (f"table: {' | '.join(r['table']['header'])} question: {r['question']}",
-                                            [r["sql"]["human_readable"]])),
-    "samsum": ("samsum", None, lambda r: (r["dialogue"], [r["summary"]])),
+Converted = tuple[str, list[str]] | None  # (source, references), or None: the row is not part of the task
+
+
+# The WebNLG test split of the `webnlg_challenge_2017` config concatenates the three test files of the challenge
+# (the row's `test_category`): testdata_with_lex (all 1,862 inputs with their references: the test set),
+# testdata_no_lex (the same inputs without references) and testdata_unseen_with_lex (its unseen half again).
+# Train and dev rows have test_category "".
+WEBNLG_TEST_FILE = "testdata_with_lex"
+
+
+def _webnlg(r: dict) -> Converted:
+    """A `web_nlg` row as microsoft/LoRA formats WebNLG (format_converting_webnlg.py): the modified triples as
+    `s : p : o | ...` and the lexicalisations marked good (rows lacking the comment field keep every text)."""
+    if r.get("test_category", "") not in ("", WEBNLG_TEST_FILE):
+        return None
+    triples = r["modified_triple_sets"]["mtriple_set"][0]  # `s | p | o` strings, as in the XML
+    texts, comments = list(r["lex"]["text"]), list(r["lex"].get("comment") or [])
+    refs = [t for t, c in zip(texts, comments + [""] * (len(texts) - len(comments))) if t and c in ("", "good")]
+    return (" | ".join(" : ".join(t.split(" | ", 2)) for t in triples), refs) if refs else None
+
+
+# name -> (where on the Hub, row -> (source, references) or None). The ids are the organisations' own since the
+# Hub moved its canonical datasets (docs/tasks.md says how each was checked); the repositories that are loading
+# scripts are read from their parquet conversion (config `default` for a script without named configs).
+_HUB_NLG: dict[str, tuple[HubSource, Callable[[dict], Converted]]] = {
+    "e2e_nlg": (HubSource("tuetschek/e2e_nlg", "default", PARQUET),
+                lambda r: (r["meaning_representation"], [r["human_reference"]])),
+    # the LoRA paper's WebNLG: the 2017 challenge (10 categories in train/dev; the test adds 5 unseen ones)
+    "web_nlg": (HubSource("webnlg-challenge/web_nlg", "webnlg_challenge_2017", PARQUET), _webnlg),
+    "dart": (HubSource("Yale-LILY/dart", "default", PARQUET),
+             lambda r: (_triples(r["tripleset"]), list(r["annotations"]["text"]))),
+    "wikisql": (HubSource("Salesforce/wikisql", "default", PARQUET),
+                lambda r: (f"table: {' | '.join(r['table']['header'])} question: {r['question']}",
+                           [r["sql"]["human_readable"]])),
+    # Samsung/samsum (the bare `samsum`) is gone from the Hub (404 since 2025-05); this mirror keeps its splits
+    # and fields as plain data files
+    "samsum": (HubSource("knkarthick/samsum"), lambda r: (r["dialogue"], [r["summary"]])),
 }
+
+
+def _task_rows(task: str, split: str, cfg):
+    """(index, row, (source, references)) of the task's rows in one split, rows outside the task skipped."""
+    hub, convert = _HUB_NLG[task]
+    hub_split = _HF_SPLITS.get(split, split)
+    for i, row in enumerate(_hub(task, hub, hub_split, cfg.data.path)):
+        try:
+            pair = convert(row)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            where = cfg.data.path or hub.repo
+            raise DataError(f"data.task={task}: {where} split {hub_split!r} row {i}: missing or malformed field "
+                            f"{e} (expected the {hub.repo} hub layout, see docs/tasks.md)") from None
+        if pair is not None:
+            yield row, pair
 
 
 def generation_pairs(task: str, split: str, cfg) -> Pairs:
     """(source, references) per source, in order of first appearance; split is train | dev | test."""
     if task == "e2e":
         return _e2e_local(split, cfg)
-    name, config, convert = _HUB_NLG[task]
     grouped: dict[str, list[str]] = {}
-    hub_split = _HF_SPLITS.get(split, split)
-    for i, row in enumerate(_hub(task, name, config, hub_split, cfg.data.path)):
-        try:
-            source, refs = convert(row)
-        except (KeyError, IndexError, TypeError) as e:
-            where = cfg.data.path or name
-            raise DataError(f"data.task={task}: {where} split {hub_split!r} row {i}: missing or malformed field "
-                            f"{e} (expected the {name} hub layout, see docs/tasks.md)") from None
+    for _, (source, refs) in _task_rows(task, split, cfg):
         grouped.setdefault(source, []).extend(refs)
     return list(grouped.items())
 
 
 def source_categories(task: str, split: str, cfg) -> dict[str, str]:
-    """WebNLG: source -> its DBpedia category (the rows' `category`), for Table 14's seen/unseen split."""
+    """WebNLG: source -> its DBpedia category (the rows' `category`), for Table 14's seen/unseen split.
+
+    Seen categories are those of the training split (`bigadapt.evaluate`): for the 2017 release these are exactly
+    the ten that microsoft/LoRA hard-codes as `seen` (Airport ... WrittenWork), and the rule stays right for a
+    local copy of another release, where a fixed list would not."""
     if task != "web_nlg":
         return {}
-    name, config, convert = _HUB_NLG[task]
-    return {convert(row)[0]: row.get("category", "") for row in
-            _hub(task, name, config, _HF_SPLITS.get(split, split), cfg.data.path)}
+    return {source: row.get("category", "") for row, (source, _) in _task_rows(task, split, cfg)}
 
 
 def _encode_texts(tokenizer, texts: list[str], special: bool) -> list[list[int]]:

@@ -20,9 +20,10 @@ ROWS = {
                  "sql": {"human_readable": "SELECT winner FROM table WHERE year = 1990"}}],
     "samsum": [{"dialogue": "A: hi\nB: lunch?", "summary": "B asks A to lunch."}],
 }
+# the sources as microsoft/LoRA writes them (src/format_converting_{webnlg,dart}.py)
 SOURCES = {
-    "e2e_nlg": ("name[Aromi], food[Thai]", 2), "web_nlg": ("Aarhus | leader | Jacob | Aarhus | country | DK", 2),
-    "dart": ("Mars : ORBITS : Sun", 1), "wikisql": ("table: year | winner question: who won in 1990?", 1),
+    "e2e_nlg": ("name[Aromi], food[Thai]", 2), "web_nlg": ("Aarhus : leader : Jacob | Aarhus : country : DK", 2),
+    "dart": ("Mars : orbits : Sun", 1), "wikisql": ("table: year | winner question: who won in 1990?", 1),
     "samsum": ("A: hi\nB: lunch?", 1),
 }
 
