@@ -21,6 +21,8 @@ the accelerator holds. DeepSpeed settings are read from the merged config (the u
 Stages 1/2: base and working copies whole; masters, moments (and at 2 gradients) partitioned. Stage 0: everything
 whole; moments for trainable tensors only; their gradients exist only between
 backward and step (transient) unless mixed precision keeps fp32 accumulation buffers.
+On CPU ranks under ZeRO-3 gloo receives every all-gather into a second buffer of the gathered size
+(zero3_gather_staging: the largest call, prefetch bucket + the largest tensor).
 Activations count what autograd saves per block, by activation function and MLP shape (bigadapt/activations.py:
 Korthikanti et al. 2022's terms, measured per architecture), and framework overhead is an explicit constant.
 """
@@ -255,6 +257,21 @@ def gather_buffers(shape: Shape, cfg, lay: Layout) -> int:
     return live * BYTES[cfg.model.dtype]
 
 
+def gather_staging(shape: Shape, cfg, lay: Layout) -> int:
+    """CPU ranks (gloo) under ZeRO-3: bytes of the receive buffer of the largest single all-gather. Gloo does not
+    gather in place: ProcessGroupGloo.cpp's AsyncAllgatherWork::allgather receives into `flatOutputTensor =
+    newLikeFlat(outputs[0])`, the whole gathered size, then `copy_`s it into DeepSpeed's buffer, so while one
+    all-gather lands its bytes exist twice (the rehearsal's missing 0.24 GiB per rank, docs/accounting.md). The
+    largest call is a prefetch: DeepSpeed coalesces into one all_gather_coalesced every parameter it queues
+    while `numel_prefetching < prefetch_bucket_size`, so up to the bucket plus the tensor that crosses it
+    (partitioned_param_coordinator.py, fetch_sub_module). NCCL receives in place: 0 on GPUs."""
+    if lay.stage != 3 or lay.device != "cpu":
+        return 0
+    largest = _largest_tensor(shape)
+    call = gather_windows(shape, cfg.zero)["prefetch_bucket_size"] + largest
+    return min(call, shape.total) * BYTES[cfg.model.dtype]
+
+
 def per_rank(shape: Shape, cfg, lay: Layout) -> dict:
     """Per-rank bytes by component; `total` is what the accelerator holds (on CPU the host is the accelerator,
     so only what goes to NVMe leaves it)."""
@@ -262,6 +279,7 @@ def per_rank(shape: Shape, cfg, lay: Layout) -> dict:
     d, step = model_states(shape.tensors, cfg, lay, z)
     d["optimizer_step"] = step
     d["zero3_gather_buffers"] = gather_buffers(shape, cfg, lay)
+    d["zero3_gather_staging"] = gather_staging(shape, cfg, lay)
     d.update(activations(shape, cfg, lay))
     d["framework_overhead"] = FRAMEWORK_OVERHEAD[lay.device]
     whole = sum(v for k, v in d.items() if k != "model_states")

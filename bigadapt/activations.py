@@ -32,6 +32,12 @@ RMS_EXTRA = 2
 # Eager attention keeps its softmax (a*s per token and layer, a*s/h units): measured +1.98 units at a*s/h = 2
 # (GPT-2, BERT, LLaMA fp32); LLaMA in half precision computes the softmax in fp32 and casts it back: 3 units.
 # SDPA (transformers' default) keeps one fp32 logsumexp per head and token instead (a/h units in fp32).
+# The loss (objectives.loss_sum) peaks at three fp32 b*s*V tensors whatever the logits' dtype, measured with a
+# traced allocation (tests/test_activations.py): in forward the fp32 logits (half-precision logits are upcast
+# and the half copy dropped, the caller holding none), the causal shift's copy (`logits[:, :-1].reshape`
+# copies a non-contiguous slice) and cross_entropy's log-softmax; in backward the saved log-softmax, its
+# gradient and the slice's full-shape gradient. Was act_bytes + 8 per element: 2 bytes short in half precision.
+LOSS_FP32_COPIES = 3
 
 
 def ffn_width(c) -> int:
@@ -92,5 +98,5 @@ def activations(shape, cfg, lay, attn: str, context: int, act_bytes: int) -> dic
         kept = len(range(0, L, lay.checkpoint_every))
         below = (kept - 1) * (lay.checkpoint_every - 1)
         layers = kept * s * b * h * act_bytes + max(L - kept, below + 1) * per_layer
-    logits = s * b * V * (act_bytes + 8)  # the logits, their fp32 upcast in the loss, and its gradient
+    logits = s * b * V * LOSS_FP32_COPIES * 4
     return {"activations": int(layers), "logits": int(logits)}

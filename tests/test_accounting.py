@@ -85,3 +85,27 @@ def test_gather_windows_sized_from_the_model_and_capped_at_deepspeeds():
     assert accounting.gather_buffers(shape, cfg, Layout(world=2, stage=0)) == 0
     big = accounting.shapes(load_config(GPT3_LORA))[0]  # a 1.8B-element block: DeepSpeed's windows decide
     assert accounting.gather_windows(big, load_config(GPT3_LORA).zero) == accounting.DS_WINDOWS
+
+
+def test_gloo_all_gather_stages_the_whole_gathered_size():
+    """zero3_gather_staging's premise, measured in one process: a gloo all-gather allocates one receive buffer of
+    the whole gathered size besides the output (the profiler's allocation trace, all threads), and the term is
+    the largest DeepSpeed call (prefetch bucket + the largest tensor) in the base dtype, on CPU ranks only."""
+    import torch
+    import torch.distributed as dist
+
+    from .test_activations import traced_peak
+    group = dist.ProcessGroupGloo(dist.HashStore(), 0, 1)
+    part = torch.ones(1 << 19, dtype=torch.bfloat16)
+    out = torch.zeros(1 << 19, dtype=torch.bfloat16)  # touched beforehand, as DeepSpeed's flat buffer is by then
+    assert traced_peak(lambda: group._allgather_base(out, part).wait()) == out.nbytes
+    assert bool((out == 1).all())
+    cfg = load_config(None, ["model.dtype=bf16"])
+    shape = accounting.shapes(cfg)[0]
+    lay = Layout(world=2, stage=3, device="cpu", seq_len=16)
+    call = accounting.gather_windows(shape, cfg.zero)["prefetch_bucket_size"] + max(n for _, n, _, _ in shape.tensors)
+    assert accounting.gather_staging(shape, cfg, lay) == min(call, shape.total) * 2 > 0
+    d = accounting.per_rank(shape, cfg, lay)
+    assert d["zero3_gather_staging"] == min(call, shape.total) * 2
+    assert accounting.gather_staging(shape, cfg, Layout(world=2, stage=3, device="gpu")) == 0  # NCCL: in place
+    assert accounting.gather_staging(shape, cfg, Layout(world=2, stage=2, device="cpu")) == 0  # nothing gathered

@@ -72,3 +72,36 @@ def test_gelu_new_saves_three_more_ffn_tensors_than_the_fused_gelu():
 def test_unmeasured_activation_counts_as_the_largest():
     config = AutoConfig.for_model("gpt2", **dict(ARCHS["gpt2"], activation_function="mish"))
     assert activations.ffn_units(config) == max(activations.ACT_SAVED.values()) + 1
+
+
+def traced_peak(fn) -> int:
+    """Most bytes the CPU allocator held at once during `fn()` above what it held before, from the profiler's
+    allocation trace (every alloc and free, all threads, in time order)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_peak_is_three_fp32_logit_copies(dtype):
+    """The logits term against the allocation trace of the loss as the loop runs it (the frozen head's output
+    handed straight to objectives.loss_sum, forward then backward): three fp32 b*s*V tensors at the peak in
+    either dtype, the shifted ones one position shorter, plus the b*s*h input gradient."""
+    from bigadapt import objectives
+    b, s, h, vocab = 2, 16, 8, 3000
+    x = torch.randn(b, s, h, dtype=dtype, requires_grad=True)
+    head = torch.nn.Linear(h, vocab, bias=False).to(dtype).requires_grad_(False)
+    labels = torch.randint(0, vocab, (b, s))
+    box = {}
+    forward = traced_peak(lambda: box.update(loss=objectives.loss_sum(head(x), labels, "causal_lm")))
+    held = 4 * b * (s - 1) * vocab  # the saved log-softmax
+    backward = held + traced_peak(lambda: box["loss"].backward())
+    predicted = activations.LOSS_FP32_COPIES * 4 * b * s * vocab
+    assert max(forward, backward) <= predicted < max(forward, backward) * 1.08
