@@ -54,6 +54,10 @@ def main(args) -> int:
     cfg = layout.with_zero(cfg, stage=choice.stage, **(choice.windows or {}))  # what the run would give DeepSpeed
     est = accounting.estimate(cfg, lay, budget, args.fit)
     est["zero_stage"] = choice.record()
+    if cfg.model.quantization != "none":  # what the trainer holds while the quantized base loads
+        from . import quantized
+        est["quantized_load"] = quantized.load_peak(accounting.shapes(cfg)[0].tensors, cfg, world, lay.stage,
+                                                    accounting.BYTES[cfg.model.dtype])
     if args.json:
         print(json.dumps(est, indent=1))
     else:
@@ -100,6 +104,10 @@ def report(est: dict, gpus_per_node: int, budget: int | None) -> None:
               f"({m['trainable_pct']:.4f}%); {lay['world']} ranks, ZeRO stage {lay['stage']}, "
               f"micro-batch {lay['micro_batch']} x {lay['seq_len']} tokens"
               f"{_offload_note(est['offload'])}{_activation_note(est)}")
+    if "quantized_load" in est:
+        q = est["quantized_load"]
+        con.print(f"loading the quantized base: {q['path']}: per-rank peak ~{_gib(q['peak'])} GiB "
+                  f"(whole quantized base {_gib(q['whole'])} GiB)", highlight=False)
     t = Table(title="per-rank memory (GiB)")
     for col in ("component", m["name"], "full fine-tuning"):
         t.add_column(col, justify="right")

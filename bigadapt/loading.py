@@ -110,9 +110,10 @@ class Plan:
     missing: set[str]
 
 
-def _plan(model: nn.Module, ckpt: Checkpoint) -> Plan | str:
+def _plan(model: nn.Module, ckpt: Checkpoint, stored_shape=zero.full_shape) -> Plan | str:
     """Match checkpoint keys to the model's, adding the base-model prefix the way transformers' ZeRO-3 loader does
-    (a base saved from BertModel read into BertForSequenceClassification). Renames and shape changes: fall back."""
+    (a base saved from BertModel read into BertForSequenceClassification). Renames and shape changes: fall back.
+    `stored_shape(tensor)`: the shape the checkpoint must hold for a model tensor (quantized_loading: transposed)."""
     from transformers.modeling_utils import get_model_conversion_mapping
     own = model.state_dict(keep_vars=True)
     prefix = getattr(model, "base_model_prefix", "")
@@ -126,21 +127,21 @@ def _plan(model: nn.Module, ckpt: Checkpoint) -> Plan | str:
             unexpected.add(key)
             continue
         targets[key] = own[name]
-    bad = _shape_mismatch(targets, ckpt)
+    bad = _shape_mismatch(targets, ckpt, stored_shape)
     if bad:
         return bad
     loaded = {id(t) for t in targets.values()}
     return Plan(targets, unexpected, {n for n, t in own.items() if id(t) not in loaded})
 
 
-def _shape_mismatch(targets: dict, ckpt: Checkpoint) -> str | None:
+def _shape_mismatch(targets: dict, ckpt: Checkpoint, stored_shape) -> str | None:
     from safetensors import safe_open
     for file in sorted(set(ckpt.files.values())):
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
-                if key in targets and tuple(f.get_slice(key).get_shape()) != zero.full_shape(targets[key]):
+                if key in targets and tuple(f.get_slice(key).get_shape()) != stored_shape(targets[key]):
                     return f"{key}: shape {tuple(f.get_slice(key).get_shape())} in the checkpoint, " \
-                           f"{zero.full_shape(targets[key])} in the model"
+                           f"{stored_shape(targets[key])} in the model"
     return None
 
 

@@ -104,6 +104,8 @@ def _load(auto, path: str, sharded: bool, **kwargs):
     """(model, loading info): the sharded reader where it applies, else transformers' from_pretrained, saying so
     in one line when that means rank 0 reads the whole checkpoint (ZeRO-3)."""
     from . import display, loading
+    if kwargs.get("quantization_config") is not None and zero.registered_stage() == 3 and sharded:
+        return _load_quantized(auto, path, **kwargs)
     reason = loading.fallback_reason(kwargs, kwargs.get("config")) if sharded else "asked for (sharded=False)"
     if reason is None:
         model, reason = loading.load_sharded(auto, path, **kwargs)
@@ -112,6 +114,27 @@ def _load(auto, path: str, sharded: bool, **kwargs):
     if zero.registered_stage() == 3 and sharded:
         display.log(f"{path}: loaded by transformers' from_pretrained (rank 0 reads the whole checkpoint and "
                     f"broadcasts it): {reason}")
+    return auto.from_pretrained(path, output_loading_info=True, **kwargs)
+
+
+def _load_quantized(auto, path: str, **kwargs):
+    """A bitsandbytes base under ZeRO-3: quantized_loading's stream where it applies (each rank keeps only its
+    partition of the packed codes, plus every quant state whole), else transformers' path, saying in one line that
+    every rank then holds the whole quantized base until deepspeed.initialize partitions it."""
+    from . import display, quantized_loading
+    reason = quantized_loading.fallback_reason(kwargs)
+    if reason is None:
+        model, info = quantized_loading.load_sharded_4bit(auto, path, **kwargs)
+        if model is not None:
+            held = quantized_loading.holdings(model)
+            display.log(f"{path}: 4-bit base read and quantized tensor by tensor, partitioned as read: rank 0 holds "
+                        f"{held['codes_bytes']:,} of {held['codes_whole']:,} bytes of packed codes, "
+                        f"{held['other_bytes']:,} of {held['other_whole']:,} of other tensors, and every quant "
+                        f"state whole ({held['state_bytes']:,} bytes)")
+            return model, info
+        reason = info
+    display.log(f"{path}: quantized by transformers' from_pretrained: every rank reads every shard and holds the "
+                f"whole quantized base until deepspeed.initialize partitions it ({reason})")
     return auto.from_pretrained(path, output_loading_info=True, **kwargs)
 
 
@@ -201,7 +224,7 @@ def _build_quantized(mcfg, config, auto, dtype: torch.dtype, seed: int) -> nn.Mo
                 random_init(full, seed, None)
                 _save_whole(full, tmp)
                 del full
-            model = auto.from_pretrained(tmp, **kwargs)  # under ZeRO-3 a collective that partitions while reading
+            model = from_pretrained(auto, tmp, **kwargs)  # under ZeRO-3: quantized_loading's stream
     no_cpu_repack(model)
     model.train()
     return model

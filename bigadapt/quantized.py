@@ -52,3 +52,25 @@ def _quantized_rows(model_json: str) -> dict[str, int]:
         m = model.get_submodule(name)
         out[name] = getattr(m, "out_features", None) or m.nf  # nn.Linear, or GPT-2 Conv1D
     return out
+
+
+def load_peak(ts, cfg, world: int, stage: int, dtype_bytes: int) -> dict:
+    """Per-rank bytes while a quantized base loads, as the trainer loads it (model.from_pretrained), beside the
+    whole quantized base. Under ZeRO-3 with a 4-bit base (quantized_loading): the rank's partition
+    (`base_bytes`) + one tensor at a time read whole in the base dtype and, for a 4-bit weight, its packed codes
+    whole until partitioned (the checkpoint assumed stored in the base dtype; another dtype adds one cast copy).
+    int8, or no ZeRO-3: transformers' path, every rank holds the whole quantized base. A base built from a config
+    (model.arch, no weights) is first built whole in full precision: not modelled here (tests and tiny runs)."""
+    whole = base_bytes(ts, cfg, 1, dtype_bytes)
+    if stage < 3 or cfg.model.quantization == "int8":
+        return {"path": "transformers (every rank holds the whole quantized base)", "peak": whole, "whole": whole}
+    rows = _quantized_rows(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True))
+    largest = 0
+    for name, n, t, _ in ts:
+        if t:
+            continue
+        module = name.replace(".base_layer", "").removesuffix(".weight")
+        quantized = name.endswith(".weight") and module in rows
+        largest = max(largest, n * dtype_bytes + (math.ceil(n / 2) if quantized else 0))
+    return {"path": "streamed (each rank keeps its partition of the 4-bit codes, quant states whole)",
+            "peak": base_bytes(ts, cfg, world, dtype_bytes) + largest, "whole": whole, "largest_tensor": largest}

@@ -110,13 +110,15 @@ def worker_load(directory: str, mode: str, out: str) -> None:
     _reset_peak()
     start = time.perf_counter()
     extra = {}
-    if mode == "qlora":  # model.bnb_config's recipe: nf4, compute and storage dtype bf16, double quantization
+    if mode.startswith("qlora"):  # model.bnb_config's recipe: nf4, compute and storage dtype bf16, double quant
         extra["quantization_config"] = base_model.bnb_config(type("M", (), {"quantization": "nf4", "dtype": "bf16"}))
-    model = base_model.from_pretrained(AutoModelForCausalLM, directory, sharded=mode == "sharded", config=config,
-                                       dtype=torch.bfloat16, **extra)
+    model = base_model.from_pretrained(AutoModelForCausalLM, directory, sharded=mode in ("sharded", "qlora_sharded"),
+                                       config=config, dtype=torch.bfloat16, **extra)
     seconds = time.perf_counter() - start
+    from ..quantized_loading import holdings
     mine = {"rank": zero.rank(), "rss_before": before, "peak": _status("VmHWM"), "rss_after": _status("VmRSS"),
-            "partition_bytes": sum(zero.local_bytes(p) for p in model.parameters()), "seconds": seconds}
+            "partition_bytes": sum(zero.local_bytes(p) for p in model.parameters()), "seconds": seconds,
+            **holdings(model)}
     _dump(out, zero.all_gather_object(mine))
 
 
@@ -179,6 +181,11 @@ def report_load(directory: Path, total: int, ranks: int, modes=("transformers", 
                   f"(before {r['rss_before'] / GIB:.2f}, after {r['rss_after'] / GIB:.2f}; peak - before "
                   f"{(r['peak'] - r['rss_before']) / GIB:.2f}) | base {total / GIB:.2f} GiB, this rank's partition "
                   f"{r['partition_bytes'] / GIB:.2f} GiB | {r['seconds']:.1f} s")
+            if mode.startswith("qlora"):
+                print(f"{'':>12} 4-bit codes held {r['codes_bytes'] / GIB:.3f} GiB of {r['codes_whole'] / GIB:.3f}, "
+                      f"quant state {r['state_bytes'] / GIB:.3f} GiB (whole on every rank), other tensors held "
+                      f"{r['other_bytes'] / GIB:.3f} GiB of {r['other_whole'] / GIB:.3f}, largest tensor "
+                      f"{r['largest_bytes'] / GIB:.3f} GiB")
     return results
 
 
@@ -207,6 +214,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=0, help="also run this many LoRA steps, allocator setting off/on")
     p.add_argument("--step-params", type=float, default=3e8, help="base size for the steps (default 3e8)")
     p.add_argument("--qlora", action="store_true", help="also load it 4-bit (nf4, bf16 storage) under ZeRO-3")
+    p.add_argument("--qlora-only", action="store_true", help="only the two 4-bit loads (transformers', streamed)")
     p.add_argument("--json", type=Path, default=None, help="write the numbers here")
     a = p.parse_args(argv)
     root = a.dir or Path(tempfile.mkdtemp(prefix="bigadapt-load-"))
@@ -217,7 +225,8 @@ def main(argv=None) -> int:
     shards = len(set(json.loads((base / "model.safetensors.index.json").read_text())["weight_map"].values()))
     print(f"base: {base} ({arch['num_hidden_layers']} layers, {total / 2 / 1e9:.2f}B params, "
           f"{total / GIB:.2f} GiB bf16, {shards} shards)")
-    modes = ("transformers", "sharded") + (("qlora",) if a.qlora else ())
+    modes = ("transformers", "sharded") + (("qlora", "qlora_sharded") if a.qlora else ())
+    modes = ("qlora", "qlora_sharded") if a.qlora_only else modes
     out = {"arch": arch, "base_bytes": total, "load": report_load(base, total, a.ranks, modes)}
     if a.steps:
         small = root / f"llama-{a.step_params:.0e}"

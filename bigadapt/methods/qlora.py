@@ -9,8 +9,9 @@ so a fused c_attn is sliced the same way). A and B are created in fp32 and take 
 DeepSpeed mixed precision, as LoRA's do; only they (and a fresh task head) are trained and saved.
 
 ZeRO: runs with every stage (tested 0 in one process, 2 and 3 on 2 CPU ranks; ZeRO-3 losses equal the
-one-process run's). Under ZeRO-3 transformers loads a quantized model outside zero.Init, so each rank
-briefly holds the whole (4-8x smaller) quantized base before deepspeed.initialize partitions it.
+one-process run's). Under ZeRO-3 a 4-bit base is quantized tensor by tensor and partitioned as it is read
+(quantized_loading.py): no rank holds the whole quantized base; int8 goes through transformers' path, where
+each rank does until deepspeed.initialize partitions it (one line at start says so).
 
 What it refuses, each as one line before any process group:
   * qlora without model.quantization, a quantized base with another method, an fp16 base;

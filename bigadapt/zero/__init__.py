@@ -15,6 +15,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from .convert import Partitioner, load_device  # noqa: F401  (re-exported: callers use bigadapt.zero.X)
 from .optim import (  # noqa: F401  (re-exported: callers use bigadapt.zero.X)
     SCALER_FIELDS,
     ensure_adam_state,

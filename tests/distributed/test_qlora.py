@@ -1,7 +1,9 @@
-"""QLoRA under DeepSpeed ZeRO-3 on 2 CPU ranks: the same losses as one process at stage 0, a checkpoint that
+"""QLoRA under DeepSpeed ZeRO-3 on 2 CPU ranks: the base streamed into each rank's partition as it is quantized
+(quantized_loading), the same losses as one process at stage 0 (transformers' own quantization), a checkpoint that
 reloads in another process to the run's own eval, and a resume on one rank that ends like the uninterrupted run."""
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -26,7 +28,16 @@ def _config(tmp: Path, name: str, stage: int, quantization: str) -> Path:
 
 @pytest.mark.parametrize("quantization", ["nf4"])
 def test_qlora_zero3_two_ranks_matches_one_process_reloads_and_resumes(tmp_path, quantization):
-    check(launch(2, "--config", str(_config(tmp_path, "zero3", 3, quantization)), extra_env={"OMP_NUM_THREADS": "1"}))
+    out = check(launch(2, "--config", str(_config(tmp_path, "zero3", 3, quantization)),
+                       extra_env={"OMP_NUM_THREADS": "1"}))
+    # loaded by quantized_loading's stream (not transformers' path, where each rank held the whole 4-bit base):
+    # right after the load, before deepspeed.initialize, rank 0 holds half the packed codes (DeepSpeed pads the
+    # last partition to a multiple of the world) and the other tensors' partitions
+    words = r"rank 0 holds ([\d,]+) of ([\d,]+) bytes of packed codes, ([\d,]+) of ([\d,]+) of other"
+    held = re.search(words.replace(" ", r"\s+"), out.stdout)  # the console wraps long lines
+    assert held and "quantized by transformers" not in out.stdout + out.stderr, out.stdout[-3000:]
+    codes, codes_whole, other, other_whole = (int(g.replace(",", "")) for g in held.groups())
+    assert codes_whole / 2 <= codes < codes_whole / 2 + 256 and other < other_whole
     check(run_cli("train", "--config", str(_config(tmp_path, "single", 0, quantization))))
     runs = {name: train_losses(tmp_path / name) for name in ("zero3", "single")}
     assert sorted(runs["zero3"]) == sorted(runs["single"]) == list(range(1, STEPS + 1))

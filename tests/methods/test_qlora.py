@@ -1,6 +1,11 @@
 """QLoRA: LoRA on a bitsandbytes NF4/FP4/int8 base, on tiny GPT-2 and LLaMA saved with save_pretrained (CPU)."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,7 +18,7 @@ from bigadapt.errors import BigadaptError, ConfigError
 from bigadapt.export import load_trained
 from bigadapt.fingerprint import fingerprint
 from bigadapt.methods.qlora import QLoRA
-from tests.conftest import TINY_GPT2, TINY_LLAMA, check, run_cli, tiny_config, train_losses, write_config
+from tests.conftest import REPO, TINY_GPT2, TINY_LLAMA, check, env, run_cli, tiny_config, train_losses, write_config
 
 IDS = torch.randint(2, 96, (3, 12), generator=torch.Generator().manual_seed(0))
 # max |logit difference| / max |logit| against the full-precision LoRA with the same adapter, measured on this
@@ -143,3 +148,84 @@ def test_one_line_errors(saved):
     with pytest.raises(BigadaptError, match="cannot merge into a quantized base"):
         methods.get("qlora").merge(model)
     assert targets.head_prefixes(model) == ["score"]
+
+
+# One process, one rank: the base loaded 4-bit by transformers' from_pretrained (no ZeRO), then by
+# quantized_loading's stream under ZeRO-3 (every tensor partitioned as it is read); everything gathered and compared
+# as bytes: the packed codes, every quant-state entry (absmax, nested absmax and code books, offset), buffers, and the
+# logits. argv: (checkpoint dir, objective, dtype) triples, one JSON line each.
+STREAM_CHECK = textwrap.dedent("""
+    import json, sys, torch
+    from bigadapt import display, engine, targets, zero
+    from bigadapt import model as base_model
+    engine.init_distributed()
+    logged = []
+    display.log = lambda msg, *a, **k: logged.append(msg)
+    as_bytes = lambda t: t.view(torch.uint8) if t.is_floating_point() else t
+    ids = torch.randint(2, 90, (2, 10), generator=torch.Generator().manual_seed(0))
+    for path, objective, dtype_name in zip(*[iter(sys.argv[1:])] * 3):
+        mcfg = type("M", (), {"name_or_path": path, "trust_remote_code": False, "objective": objective,
+                              "num_labels": 2, "quantization": "nf4", "dtype": dtype_name})()
+        kwargs = dict(config=base_model.hf_config(mcfg), dtype=base_model.DTYPES[dtype_name],
+                      quantization_config=base_model.bnb_config(mcfg))
+        auto = base_model._auto_class(objective)
+        ref = base_model.from_pretrained(auto, path, **kwargs)  # no ZeRO-3 registered: transformers' path
+        zero.register_for_loading({"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": dtype_name == "bf16"},
+                                   "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+        logged.clear()
+        ours = base_model.from_pretrained(auto, path, **kwargs)
+        zero.unregister()
+        for m in (ref, ours):
+            base_model.random_init(m, 0, targets.head_prefixes(m))  # a fresh head, as build_base draws it
+        heads = targets.head_prefixes(ours)
+        with zero.gathered(list(ours.parameters())), torch.no_grad():
+            a, b = ref.state_dict(), ours.state_dict()
+            differ = sorted(n for n in a if n not in b or not torch.equal(as_bytes(a[n]), as_bytes(b[n])))
+            logits = [m(input_ids=ids).logits for m in (ref, ours)]
+        print("RESULT", json.dumps({
+            "differ": differ, "keys": sorted(a), "extra": sorted(set(b) - set(a)), "heads": heads,
+            "partitioned": all(zero.is_zero(p) for n, p in ours.named_parameters()  # a fresh head: whole until
+                               if not any(n.startswith(h + ".") for h in heads)),  # deepspeed.initialize
+            "quant_states": sum(1 for k in a if k.endswith("quant_state.bitsandbytes__nf4")),
+            "logits_equal": torch.equal(as_bytes(logits[0]), as_bytes(logits[1])), "logged": list(logged)}))
+""")
+
+
+def test_streamed_zero3_load_equals_transformers_bit_for_bit(saved):
+    """GPT-2 classifier (Conv1D quantized transposed; its fp32 checkpoint cast to bf16, then quantized) and LLaMA
+    read as a causal LM from a classifier's checkpoint (lm_head missing: a fresh head; the packed codes stored in
+    fp32), in one process."""
+    cases = [(saved["gpt2"], "seq_cls", "bf16"), (saved["llama"], "causal_lm", "fp32")]
+    proc = subprocess.run([sys.executable, "-c", STREAM_CHECK, *[x for c in cases for x in c]], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    assert len(results) == len(cases)
+    for got, heads in zip(results, (["score"], ["lm_head"])):
+        assert got["differ"] == [] and got["extra"] == [], got["differ"] + got["extra"]
+        assert got["quant_states"] >= 4 and any(k.endswith(".absmax") for k in got["keys"])
+        assert got["partitioned"] and got["logits_equal"] and got["heads"] == heads
+        assert any("partitioned as read" in line for line in got["logged"]), got["logged"]
+        assert not any("quantized by transformers" in line for line in got["logged"]), got["logged"]
+
+
+def test_estimate_states_the_loading_path_and_peak():
+    """`bigadapt estimate` for a quantized base: under ZeRO-3 nf4 the stream (the partition + one tensor read whole
+    with its packed codes); int8 or one rank without ZeRO-3: transformers' path, the whole quantized base."""
+    from bigadapt import quantized
+    cfg = config_from_dict(tiny_config("unused", arch=TINY_LLAMA, model={"quantization": "nf4"},
+                                       method={"name": "qlora"}))
+    ts = accounting.shapes(cfg)[0].tensors
+    streamed = quantized.load_peak(ts, cfg, 2, 3, 2)
+    mlp = TINY_LLAMA["intermediate_size"] * TINY_LLAMA["hidden_size"]
+    largest = mlp * 2 + mlp // 2  # an MLP weight read in bf16 and its packed codes (above the 96 x 64 embedding)
+    assert streamed["path"].startswith("streamed") and streamed["largest_tensor"] == largest
+    assert streamed["peak"] == quantized.base_bytes(ts, cfg, 2, 2) + largest < streamed["whole"] + largest
+    assert quantized.load_peak(ts, cfg, 1, 0, 2)["path"].startswith("transformers")
+    int8 = config_from_dict({**tiny_config("unused", arch=TINY_LLAMA, method={"name": "qlora"}),
+                             "model": {"arch": TINY_LLAMA, "quantization": "int8"}})
+    whole = quantized.load_peak(accounting.shapes(int8)[0].tensors, int8, 2, 3, 2)
+    assert whole["path"].startswith("transformers") and whole["peak"] == whole["whole"]
+    out = check(run_cli("estimate", "--set", "model.quantization=nf4", "--set", "method.name=qlora",
+                        "--world", "2"))
+    assert "loading the quantized base: streamed" in " ".join(out.stdout.split())
