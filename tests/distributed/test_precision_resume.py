@@ -186,10 +186,10 @@ def test_fp16_resume_on_one_gpu_is_exact(tmp_path, stage):
     for run in ("1", "1to1"):
         _config(tmp_path, "fp16", stage, run)
     ref = tmp_path / _name("fp16", stage, "1")
-    check(run_cli("train", "--config", f"{ref}.yaml", extra_env=cuda))
+    check(run_cli("train", "--config", f"{ref}.yaml", extra_env=cuda, fresh=True))
     resumed = tmp_path / _name("fp16", stage, "1to1")
     shutil.copytree(_saved(ref, SAVED), _saved(resumed, SAVED))
-    check(run_cli("train", "--config", f"{resumed}.yaml", "--resume", "auto", extra_env=cuda))
+    check(run_cli("train", "--config", f"{resumed}.yaml", "--resume", "auto", extra_env=cuda, fresh=True))
     want, got = _tensors(ref), _tensors(resumed)
     for k in want:  # GPU kernels are not all deterministic: equal to fp32 rounding
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)

@@ -59,20 +59,23 @@ def test_merge_on_gpu_equals_unmerged():
     assert torch.allclose(before, after, atol=5e-2, rtol=5e-2)  # bf16 weights absorb the delta with rounding
 
 
-def _gpu_run(tmp_path, arch: dict, steps: int) -> tuple:
+def _gpu_run(tmp_path, arch: dict, steps: int, seq_len: int = 64, lr: float = 2e-3) -> tuple:
     run_dir = tmp_path / "run"
     cfg = tiny_config(run_dir, arch=arch, model={"dtype": "bf16"},
-                      train={"max_steps": steps, "batch_size": 16, "micro_batch": 16, "log_every": 1},
-                      data={"task": "synthetic_cls", "seq_len": 64, "num_train": 512, "num_eval": 64},
+                      train={"max_steps": steps, "batch_size": 16, "micro_batch": 16, "log_every": 1, "lr": lr},
+                      data={"task": "synthetic_cls", "seq_len": seq_len, "num_train": 512, "num_eval": 64},
                       zero={"stage": 3, "param_persistence_threshold": 0})
     proc = check(launch(1, "--config", str(write_config(tmp_path / "gpu.yaml", cfg)), extra_env=GPU_ENV))
     return run_dir, json.loads((run_dir / "accounting.json").read_text()), proc
 
 
 def test_one_gpu_zero3_bf16_run_trains_and_matches_the_prediction(tmp_path):
-    run_dir, report, _ = _gpu_run(tmp_path, TINY_GPT2, steps=30)
+    # the majority vote over 64 tokens does not move in 30 steps at lr 2e-3 (the same run in bf16 on CPU: the last
+    # loss above the first, eval at chance); over 16 tokens at 1e-2 the mean of the last 10 of 100 losses was 0.58x
+    # the first 10's (eval accuracy 0.72), so 0.8x leaves room for the GPU's other rounding
+    run_dir, report, _ = _gpu_run(tmp_path, TINY_GPT2, steps=100, seq_len=16, lr=1e-2)
     losses = [m["loss"] for m in metrics(run_dir) if "loss" in m]
-    assert losses[-1] < losses[0]
+    assert len(losses) == 100 and sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
     assert report["model_states_max_rel_error"] <= 0.02
 
 
