@@ -145,20 +145,25 @@ def _shape_mismatch(targets: dict, ckpt: Checkpoint, stored_shape) -> str | None
     return None
 
 
+def read_order(ckpt: Checkpoint, plan: Plan) -> list[tuple[str, str]]:
+    """(file, key) of every planned tensor, file by file and sorted within each: the same order on every rank,
+    which the collective conversions need."""
+    by_file: dict[str, list[str]] = {}
+    for key, file in ckpt.files.items():
+        if key in plan.targets:
+            by_file.setdefault(file, []).append(key)
+    return [(file, key) for file in sorted(by_file) for key in sorted(by_file[file])]
+
+
 def _read(model: nn.Module, ckpt: Checkpoint, plan: Plan):
     """*Collective* only for tensors without a local partition to write (see write_partition). File by file,
     tensor by tensor, in the same order on every rank."""
     from safetensors import safe_open
     from transformers.utils.loading_report import LoadStateDictInfo
-    by_file: dict[str, list[str]] = {}
-    for key, file in ckpt.files.items():
-        if key in plan.targets:
-            by_file.setdefault(file, []).append(key)
-    for file in sorted(by_file):
-        for key in sorted(by_file[file]):
-            # opened per tensor: the file's pages this rank touched are mapped, so resident, until it is closed
-            with safe_open(file, framework="pt") as f:
-                write_partition(plan.targets[key], f.get_slice(key))
+    for file, key in read_order(ckpt, plan):
+        # opened per tensor: the file's pages this rank touched are mapped, so resident, until it is closed
+        with safe_open(file, framework="pt") as f:
+            write_partition(plan.targets[key], f.get_slice(key))
             plan.targets[key]._is_hf_initialized = True  # transformers' init then skips it
     return LoadStateDictInfo(missing_keys=set(plan.missing), unexpected_keys=set(plan.unexpected),
                              mismatched_keys=set(), error_msgs=[], conversion_errors={}, skipped_pp_keys=set())

@@ -27,18 +27,23 @@ def quantized_bytes(numel: int, quantization: str, rows: int) -> tuple[int, int]
 def base_bytes(ts, cfg, world: int, dtype_bytes: int) -> int:
     """Per-rank bytes of the frozen base when model.quantization is set: quantized layers by
     `quantized_bytes` (codes split over `world`), everything else (embeddings, norms, head) in the base dtype."""
-    rows = _quantized_rows(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True))
     total = 0
-    for name, n, t, _ in ts:
-        if t:
-            continue
-        module = name.replace(".base_layer", "").removesuffix(".weight")
-        if name.endswith(".weight") and module in rows:
-            codes, state = quantized_bytes(n, cfg.model.quantization, rows[module])
+    for n, rows in _frozen(ts, cfg):
+        if rows:
+            codes, state = quantized_bytes(n, cfg.model.quantization, rows)
             total += math.ceil(codes / world) + state
         else:
             total += math.ceil(n / world) * dtype_bytes
     return total
+
+
+def _frozen(ts, cfg):
+    """(numel, output rows if bitsandbytes quantizes it else 0) of every frozen base tensor."""
+    rows = _quantized_rows(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True))
+    for name, n, t, _ in ts:
+        if not t:
+            module = name.replace(".base_layer", "").removesuffix(".weight")
+            yield n, (rows.get(module, 0) if name.endswith(".weight") else 0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -64,13 +69,7 @@ def load_peak(ts, cfg, world: int, stage: int, dtype_bytes: int) -> dict:
     whole = base_bytes(ts, cfg, 1, dtype_bytes)
     if stage < 3 or cfg.model.quantization == "int8":
         return {"path": "transformers (every rank holds the whole quantized base)", "peak": whole, "whole": whole}
-    rows = _quantized_rows(json.dumps(dataclasses.asdict(cfg.model), sort_keys=True))
-    largest = 0
-    for name, n, t, _ in ts:
-        if t:
-            continue
-        module = name.replace(".base_layer", "").removesuffix(".weight")
-        quantized = name.endswith(".weight") and module in rows
-        largest = max(largest, n * dtype_bytes + (math.ceil(n / 2) if quantized else 0))
+    # a 4-bit weight: read in the base dtype, and its packed codes whole until partitioned
+    largest = max((n * dtype_bytes + (math.ceil(n / 2) if rows else 0) for n, rows in _frozen(ts, cfg)), default=0)
     return {"path": "streamed (each rank keeps its partition of the 4-bit codes, quant states whole)",
             "peak": base_bytes(ts, cfg, world, dtype_bytes) + largest, "whole": whole, "largest_tensor": largest}

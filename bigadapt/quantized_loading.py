@@ -93,17 +93,12 @@ def _read(model: nn.Module, ckpt: loading.Checkpoint, plan: loading.Plan, quanti
     from transformers.utils.loading_report import LoadStateDictInfo
     names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
     partition = zero.Partitioner(dtype)
-    by_file: dict[str, list[str]] = {}
-    for key, file in ckpt.files.items():
-        if key in plan.targets:
-            by_file.setdefault(file, []).append(key)
-    for file in sorted(by_file):
-        for key in sorted(by_file[file]):
-            name = names[id(plan.targets[key])]
-            with safe_open(file, framework="pt") as f:  # per tensor: its mapped pages are dropped when closed
-                value = _materialize(model, name, f.get_tensor(key), quantizer, dtype)
-            if isinstance(value, nn.Parameter):
-                partition(value)
+    for file, key in loading.read_order(ckpt, plan):
+        name = names[id(plan.targets[key])]
+        with safe_open(file, framework="pt") as f:  # per tensor: its mapped pages are dropped when closed
+            value = _materialize(model, name, f.get_tensor(key), quantizer, dtype)
+        if isinstance(value, nn.Parameter):
+            partition(value)
     return LoadStateDictInfo(missing_keys=set(plan.missing), unexpected_keys=set(plan.unexpected),
                              mismatched_keys=set(), error_msgs=[], conversion_errors={}, skipped_pp_keys=set())
 
