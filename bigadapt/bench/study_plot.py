@@ -32,7 +32,9 @@ def figure(rows: list[dict], main_metric: dict[str, str], baselines: dict[str, f
     tasks = [t for t in main_metric if any(r["task"] == t for r in rows)] or ["(no runs)"]
     fractions = sorted({r["fraction"] for r in rows}, reverse=True)
     seeds = len({r.get("seed", 0) for r in rows})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False, constrained_layout=True)
+    # at least 7 inches: one panel alone must still hold the title and a legend row of ~3 entries
+    width = max(7.0, 4.2 * len(tasks))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(width, 4.0), squeeze=False, constrained_layout=True)
     for ax, task in zip(axes[0], tasks):
         metric = main_metric.get(task, "")
         for (method, fraction), cell in sorted(_series(rows, task, metric).items()):
@@ -59,7 +61,7 @@ def figure(rows: list[dict], main_metric: dict[str, str], baselines: dict[str, f
             legend.setdefault(label, handle)
     handles, labels = list(legend.values()), list(legend)
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncol=min(4, len(labels)), fontsize=8)
+        fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), int(width / 2.3)), fontsize=8)
     spread = f"mean of {seeds} seeds, band min..max" if seeds > 1 else "one seed"
     fig.suptitle(f"Main metric against the training budget ({spread})")
     return fig
