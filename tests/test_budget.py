@@ -182,6 +182,9 @@ def test_study_refuses_a_step_budget_the_evals_do_not_divide(capsys):
     with pytest.raises(SystemExit) as e:
         study.main(["run", "--model", "m", "--glue", "g", "--steps", "100", "--evals", "3"])
     assert e.value.code == 2 and "multiple of --evals 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        study.main(["run", "--model", "m", "--glue", "g", "--jobs", "0"])
+    assert e.value.code == 2 and "--jobs 0: at least 1" in capsys.readouterr().err
 
 
 def test_study_report_on_step_budgets_groups_tasks_by_marks_and_averages_seeds():

@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "run":
         bad = [t for t in args.tasks if t not in TASKS] + [m for m in args.methods if m not in METHODS]
         bad += [t for t in (args.steps or {}) if t not in TASKS]
+        if args.jobs < 1:
+            p.error(f"--jobs {args.jobs}: at least 1 cell at a time")
         if bad:
             p.error(f"unknown task/method {bad}; tasks: {','.join(TASKS)}; methods: {','.join(METHODS)}")
         if args.budget is not None:
