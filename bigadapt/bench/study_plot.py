@@ -62,8 +62,11 @@ def figure(rows: list[dict], main_metric: dict[str, str], baselines: dict[str, f
     handles, labels = list(legend.values()), list(legend)
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), int(width / 2.3)), fontsize=8)
-    spread = f"mean of {seeds} seeds, band min..max" if seeds > 1 else "one seed"
-    fig.suptitle(f"Main metric against the training budget ({spread})")
+    per_line = {len({r.get("seed", 0) for r in rows if (r["task"], r["method"], r["fraction"]) == key})
+                for key in {(r["task"], r["method"], r["fraction"]) for r in rows}} or {1}
+    counts = f"{seeds}" if len(per_line) == 1 else f"{min(per_line)}–{max(per_line)}"
+    spread = f"mean of {counts} seeds per line, band min..max" if seeds > 1 else "one seed"
+    fig.suptitle(f"Main metric vs training budget ({spread})", fontsize=11)
     return fig
 
 
