@@ -27,9 +27,9 @@ def fallback_reason(kwargs: dict) -> str | None:
         return "not a 4-bit bitsandbytes config (int8 is quantized by transformers' path)"
     if qc.bnb_4bit_quant_storage != kwargs.get("dtype"):
         return "bnb_4bit_quant_storage differs from the model dtype (ZeRO-3 would cast the packed codes)"
-    unknown = set(kwargs) - {"config", "dtype", "trust_remote_code", "quantization_config"}
     if kwargs.get("trust_remote_code") and getattr(kwargs["config"], "auto_map", None):
         return "remote code (trust_remote_code) defines the model class"
+    unknown = set(kwargs) - {"config", "dtype", "trust_remote_code", "quantization_config"}
     return f"arguments this reader does not take: {sorted(unknown)}" if unknown else None
 
 

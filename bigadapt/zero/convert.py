@@ -25,7 +25,7 @@ class Partitioner:
             import deepspeed
             holder = nn.Module()
             holder.register_parameter("p", param)
-            deepspeed.zero.Init(module=holder, config_dict_or_path=params._hf_ds_config.config, dtype=self.dtype)
+            deepspeed.zero.Init(module=holder, config_dict_or_path=params.registered_config(), dtype=self.dtype)
             self.first = param
         else:
             self.first.convert_to_zero_parameters(param_list=[param])

@@ -62,6 +62,11 @@ def registered_stage() -> int:
     return 3 if _hf_ds_config is not None else 0
 
 
+def registered_config() -> dict | None:
+    """The DeepSpeed config registered for loading (what zero.Init partitions with), or None."""
+    return _hf_ds_config.config if _hf_ds_config is not None else None
+
+
 def unregister() -> None:
     global _hf_ds_config
     if _hf_ds_config is not None:
